@@ -1,0 +1,74 @@
+"""base-model: the frozen starting point, as a diffusers Stable Diffusion folder.
+
+`model.source: tiny` builds a tiny SD pipeline offline from `model.seed`; a local
+folder is copied; a hub id is downloaded at `model.revision` (offline, a clear error).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from components.common.config import ModelConfig
+from components.common.errors import T2IError
+from components.common.io import atomic_dir, write_json_atomic
+from components.common.models import check_model_dir, weights_sha256
+
+# Files worth downloading from a hub repo: configs, safetensors weights, tokenizer.
+_HUB_PATTERNS = ["*.json", "*.txt", "*.safetensors", "tokenizer/*"]
+
+
+@dataclass
+class BaseModelReport:
+    source: str
+    revision: str | None
+    unet_sha256: str
+    out: str
+
+
+def run(cfg: ModelConfig, out: Path) -> BaseModelReport:
+    """Write the base model to `out` (atomically) and return what was written.
+
+    Raises T2IError when a hub id cannot be fetched (offline, unknown id) or a local
+    folder is not a diffusers SD model.
+    """
+    out = Path(out)
+    revision = cfg.revision
+    with atomic_dir(out) as tmp:
+        if cfg.source == "tiny":
+            from components.base_model.tiny import build_tiny_pipeline
+
+            build_tiny_pipeline(cfg.seed).save_pretrained(tmp, safe_serialization=True)
+        elif Path(cfg.source).exists():
+            shutil.copytree(check_model_dir(Path(cfg.source)), tmp, dirs_exist_ok=True)
+        else:
+            revision = _download(cfg.source, cfg.revision, tmp)
+        check_model_dir(tmp)
+        report = BaseModelReport(cfg.source, revision, weights_sha256(tmp, "unet"), str(out))
+        write_json_atomic(tmp / "base_model.json", asdict(report))
+    return report
+
+
+def _download(repo_id: str, revision: str | None, dest: Path) -> str:
+    """Download a hub model's safetensors files; return the resolved commit."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise T2IError(
+            f"model.source {repo_id!r} is a hub id but HF_HUB_OFFLINE is set; "
+            "download it once online, or set model.source to a local folder or 'tiny'"
+        )
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        path = snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_PATTERNS)
+    except LocalEntryNotFoundError:
+        raise T2IError(
+            f"model.source {repo_id!r}: cannot reach the Hugging Face Hub (offline?); "
+            "set model.source to a local folder or 'tiny'"
+        ) from None
+    except (HfHubHTTPError, ValueError) as e:
+        raise T2IError(f"model.source {repo_id!r}: download failed ({e})") from None
+    shutil.copytree(path, dest, dirs_exist_ok=True)
+    return Path(path).name  # snapshots/<commit>: the revision actually fetched

@@ -1,0 +1,180 @@
+"""`t2i`: one entry point, one subcommand per stage (see ARCHITECTURE.md, CLI contract).
+
+Exit status: 0 success; 2 a usage or config error (the message names the flag or
+key); 1 any other failure, one line on stderr (traceback with --debug or T2I_DEBUG=1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from components.common.config import load_params
+from components.common.errors import ConfigError, T2IError
+
+
+def _base_model(p, a):
+    from components import base_model
+
+    r = base_model.run(p.model, a.out)
+    return f"base model ({r.source}) written to {r.out}"
+
+
+def _pack(p, a):
+    from components import pack_shards
+
+    source = a.source or Path(p.data.source)
+    return pack_shards.run(p.data, p.pack, source, a.out).summary() + f" -> {a.out}"
+
+
+def _cache(p, a):
+    from components import cache_latents
+
+    return cache_latents.run(p.cache, a.shards, a.model, a.out).summary() + f" -> {a.out}"
+
+
+def _train(p, a):
+    from components import train_unet
+
+    r = train_unet.run(p.train, a.latents, a.model, a.out, a.reports, a.checkpoints)
+    return r.summary() + f"; model -> {a.out}"
+
+
+def _evaluate(p, a):
+    from components import evaluate
+
+    r = evaluate.run(p.evaluate, a.model, a.base_model, a.latents, a.out)
+    return r.summary() + f"; grid, metrics, report -> {a.out}"
+
+
+def _publish(p, a):
+    from components import publish
+
+    r = publish.run(p.publish, a.model, a.eval, a.out)
+    if not r["published"]:
+        return f"not published: {r['reason']}"
+    return f"published {r['name']} version {r['version']} -> {r['path']}"
+
+
+def _pipeline(p, a):
+    from pipelines import commands
+
+    return commands.dispatch(p, a)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--params",
+        type=Path,
+        default=Path("params.yaml"),
+        help="params file (default: params.yaml)",
+    )
+    common.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one key (repeatable)",
+    )
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    parser = argparse.ArgumentParser(prog="t2i", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def stage(name, func, help_, **paths):
+        sp = sub.add_parser(name, parents=[common], help=help_)
+        for flag, default in paths.items():
+            sp.add_argument(
+                f"--{flag.replace('_', '-')}",
+                dest=flag,
+                type=Path,
+                default=Path(default) if default else None,
+            )
+        sp.set_defaults(func=func)
+        return sp
+
+    stage("base-model", _base_model, "build or fetch the base model", out="artifacts/base-model")
+    stage("pack", _pack, "images + captions -> WebDataset shards", source=None, out="data/shards")
+    stage(
+        "cache",
+        _cache,
+        "shards -> VAE latent moments + token ids",
+        shards="data/shards",
+        model="artifacts/base-model",
+        out="data/latents",
+    )
+    stage(
+        "train",
+        _train,
+        "fine-tune the UNet on cached latents",
+        latents="data/latents",
+        model="artifacts/base-model",
+        out="artifacts/model",
+        reports="artifacts/train",
+        checkpoints="artifacts/checkpoints",
+    )
+    stage(
+        "evaluate",
+        _evaluate,
+        "base vs fine-tuned: metrics, grid, report",
+        model="artifacts/model",
+        base_model="artifacts/base-model",
+        latents="data/latents",
+        out="artifacts/eval",
+    )
+    stage(
+        "publish",
+        _publish,
+        "publish the model if the gate passed",
+        model="artifacts/model",
+        eval="artifacts/eval",
+        out="artifacts/publish",
+    )
+    pipe = stage("pipeline", _pipeline, "compile, run locally, submit or schedule the KFP DAG")
+    pipe.add_argument("action", choices=["compile", "run-local", "submit", "schedule"])
+    pipe.add_argument("--output", type=Path, default=Path("pipelines/compiled/finetune.yaml"))
+    pipe.add_argument(
+        "--root",
+        type=Path,
+        default=Path("artifacts/kfp-local"),
+        help="run-local: pipeline root for the local run's artifacts",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # exits 2 on a usage error, naming the flag
+    debug = args.debug or os.environ.get("T2I_DEBUG") == "1"
+    try:
+        params = load_params(args.params, args.overrides)
+        print(args.func(params, args))
+        return 0
+    except ConfigError as e:
+        _fail(e, debug)
+        return 2
+    except KeyboardInterrupt:
+        print("t2i: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the CLI turns every failure into one line
+        _fail(e, debug)
+        return 1
+
+
+def _fail(err: Exception, debug: bool) -> None:
+    if debug:
+        traceback.print_exc()
+    known = isinstance(err, T2IError)
+    detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    cause = detail if known else f"{type(err).__name__}: {detail}"
+    hint = "" if known or debug else " (run with --debug for the traceback)"
+    print(f"t2i: error: {cause}{hint}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""The one config schema: `params.yaml` (DVC) and the KFP pipeline parameters.
+
+Each stage reads one section (plus `data` for pack). Names follow the upstream
+diffusers `train_text_to_image.py` flags. Unknown keys, wrong types and impossible
+values are `ConfigError`s naming the file and the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from components.common.errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(Section):
+    source: str = "data/sample"
+    image_column: str = "image"
+    caption_column: str = "text"
+
+
+class ModelConfig(Section):
+    # "tiny" (built offline), a Hugging Face hub id, or a local diffusers folder.
+    source: str = "tiny"
+    revision: str | None = None
+    seed: int = 0
+
+
+class PackConfig(Section):
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    shard_max_samples: int = Field(1000, ge=1)
+    image_format: Literal["png", "jpg", "webp"] = "png"
+    quality: int = Field(95, ge=1, le=100)
+    min_image_side: int = Field(8, ge=1)
+    max_reject_fraction: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class CacheConfig(Section):
+    resolution: int = Field(32, ge=8)
+    center_crop: bool = True
+    random_flip: bool = False
+    batch_size: int = Field(32, ge=1)
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    seed: int = 0
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError(f"must be a multiple of 8, got {v}")
+        return v
+
+
+class TrainConfig(Section):
+    seed: int = 0
+    train_batch_size: int = Field(16, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_train_steps: int | None = Field(300, ge=1)
+    num_train_epochs: int | None = Field(None, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    scale_lr: bool = False
+    lr_scheduler: Literal[
+        "linear",
+        "cosine",
+        "cosine_with_restarts",
+        "polynomial",
+        "constant",
+        "constant_with_warmup",
+    ] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_weight_decay: float = Field(1e-2, ge=0)
+    adam_epsilon: float = Field(1e-8, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    checkpointing_steps: int = Field(100, ge=1)
+    checkpoints_total_limit: int | None = Field(2, ge=1)
+    resume_from_checkpoint: str | None = "latest"
+
+    @model_validator(mode="after")
+    def _has_length(self) -> TrainConfig:
+        if self.max_train_steps is None and self.num_train_epochs is None:
+            raise ValueError("set max_train_steps or num_train_epochs")
+        return self
+
+
+class EvaluateConfig(Section):
+    prompts: list[str] = Field(
+        default_factory=lambda: ["a red circle on a blue background"], min_length=1
+    )
+    num_inference_steps: int = Field(20, ge=1)
+    guidance_scale: float = Field(7.5, ge=0)
+    seed: int = 0
+    val_timesteps: list[int] = Field(default_factory=lambda: [100, 300, 500, 700, 900])
+    # The gate: fine-tuned held-out loss must be at most this times the base model's.
+    max_val_loss_ratio: float = Field(1.0, gt=0)
+
+    @field_validator("val_timesteps")
+    @classmethod
+    def _timesteps_in_range(cls, v: list[int]) -> list[int]:
+        if not v or any(t < 0 or t > 999 for t in v):
+            raise ValueError("must be a non-empty list of timesteps in 0..999")
+        return v
+
+
+class PublishConfig(Section):
+    name: str = Field("t2i-tiny", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    target: Literal["local"] = "local"
+    registry: str = "artifacts/registry"
+
+
+class PipelineConfig(Section):
+    name: str = "t2i-finetune"
+    # The project image every KFP component runs; pin a tag or digest, never :latest.
+    image: str = "ghcr.io/t2i-pipeline/t2i-pipeline:0.1.0"
+    host: str | None = None
+    experiment: str = "t2i-finetune"
+    schedule_cron: str = "0 0 3 * * 1"
+
+    @field_validator("image")
+    @classmethod
+    def _pinned(cls, v: str) -> str:
+        if v.endswith(":latest") or (":" not in v.rsplit("/", 1)[-1] and "@" not in v):
+            raise ValueError(f"must be pinned by a tag or digest (not :latest), got {v!r}")
+        return v
+
+
+class Params(Section):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    pack: PackConfig = PackConfig()
+    cache: CacheConfig = CacheConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    publish: PublishConfig = PublishConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split `section.key=value` into a key path and a YAML-parsed value."""
+    key, sep, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) < 2 or not all(parts):
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML ({e})") from None
+    return parts, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = raw
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def describe_errors(err: ValidationError, where: str) -> str:
+    """One line naming every bad key: `params.yaml: train.lr: unknown key`."""
+    parts = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        if e["type"] != "extra_forbidden" and "input" in e and not isinstance(e["input"], dict):
+            msg += f" (got {e['input']!r})"
+        parts.append(f"{key}: {msg}")
+    return f"{where}: " + "; ".join(parts)
+
+
+def load_params(path: Path | str | None = "params.yaml", overrides: list[str] = ()) -> Params:
+    """Load, override and validate the params file.
+
+    `path=None` starts from the defaults. Raises `ConfigError` (one line, naming the
+    file and key) for a missing/unreadable file, bad YAML, unknown keys, wrong types
+    or impossible values.
+    """
+    raw: dict[str, Any] = {}
+    where = "defaults"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: params file not found (pass --params FILE)") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}: not valid YAML{at}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    if overrides:
+        raw = apply_overrides(raw, list(overrides))
+        where += " (with --set overrides)"
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(describe_errors(e, where)) from None
+
+
+def validate_section(model: type[Section], values: dict[str, Any], where: str) -> Section:
+    """Validate one section given as a dict (the KFP parameters take this path)."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as e:
+        raise ConfigError(describe_errors(e, where)) from None

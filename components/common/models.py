@@ -1,0 +1,81 @@
+"""Loading the parts of a diffusers Stable Diffusion folder, with clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from components.common.errors import T2IError
+
+PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def check_model_dir(path: Path, parts: tuple[str, ...] = PARTS) -> Path:
+    """Return `path` if it is a diffusers SD folder holding `parts`, else raise T2IError."""
+    path = Path(path)
+    if not (path / "model_index.json").is_file():
+        raise T2IError(
+            f"{path}: not a diffusers model folder (no model_index.json); "
+            "run `t2i base-model` or point --model at one"
+        )
+    missing = [p for p in parts if not (path / p).is_dir()]
+    if missing:
+        raise T2IError(f"{path}: model folder lacks {', '.join(missing)}")
+    return path
+
+
+def load_vae(path: Path):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(check_model_dir(path), subfolder="vae")
+
+
+def load_unet(path: Path):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(check_model_dir(path), subfolder="unet")
+
+
+def load_text_encoder(path: Path):
+    from transformers import CLIPTextModel
+
+    return CLIPTextModel.from_pretrained(check_model_dir(path), subfolder="text_encoder")
+
+
+def load_tokenizer(path: Path):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(check_model_dir(path), subfolder="tokenizer")
+
+
+def load_noise_scheduler(path: Path):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_pretrained(check_model_dir(path), subfolder="scheduler")
+
+
+def weights_sha256(path: Path, part: str) -> str:
+    """Hash of one part's weights and config, independent of where the folder lives.
+
+    Used in cache keys and receipts. Config keys that only record provenance
+    (`_name_or_path`, library versions) are left out.
+    """
+    import hashlib
+    import json
+
+    from components.common.io import sha256_file
+
+    folder = check_model_dir(path, (part,)) / part
+    h = hashlib.sha256()
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(file.relative_to(folder).as_posix().encode() + b"\0")
+        if file.suffix == ".json":
+            config = json.loads(file.read_text())
+            if isinstance(config, dict):
+                config = {k: v for k, v in config.items() if k not in _PROVENANCE_KEYS}
+            h.update(json.dumps(config, sort_keys=True).encode())
+        else:
+            h.update(sha256_file(file).encode())
+    return h.hexdigest()
+
+
+_PROVENANCE_KEYS = {"_name_or_path", "_diffusers_version", "transformers_version"}

@@ -1,0 +1,153 @@
+"""evaluate: base vs fine-tuned, on held-out latents and on fixed-seed samples.
+
+Writes `metrics.json` (held-out loss of both models at fixed timesteps and noise, the
+gate decision), `grid.png` (rows: prompts; columns: base, fine-tuned) and `report.html`.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from components.cache_latents import load_split, read_latent_manifest
+from components.common.config import EvaluateConfig
+from components.common.errors import T2IError
+from components.common.io import atomic_path, write_bytes_atomic, write_json_atomic
+from components.common.models import check_model_dir
+
+CELL = 128  # pixels per grid cell: tiny samples are upscaled to be seen
+
+
+@dataclass
+class EvalReport:
+    base_val_loss: float
+    tuned_val_loss: float
+    gate_passed: bool
+
+    def summary(self) -> str:
+        verdict = "passed" if self.gate_passed else "FAILED"
+        return (
+            f"held-out loss base {self.base_val_loss:.4f} -> tuned "
+            f"{self.tuned_val_loss:.4f}; gate {verdict}"
+        )
+
+
+def run(cfg: EvaluateConfig, model: Path, base_model: Path, latents: Path, out: Path) -> EvalReport:
+    """Compare `model` with `base_model`; write metrics, grid and report under `out`.
+
+    Raises T2IError when a model folder is missing or there are no validation samples.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    out = Path(out)
+    manifest = read_latent_manifest(latents)
+    val = load_split(latents, "val")
+    if not val:
+        raise T2IError(f"{latents}: no validation samples; raise pack.val_fraction")
+    pipes = {
+        name: StableDiffusionPipeline.from_pretrained(check_model_dir(path)).to("cpu")
+        for name, path in (("base", base_model), ("tuned", model))
+    }
+    per_t = {
+        name: held_out_loss(p, val, cfg, manifest["vae_scaling_factor"])
+        for name, p in pipes.items()
+    }
+    losses = {name: sum(v.values()) / len(v) for name, v in per_t.items()}
+    ratio = losses["tuned"] / losses["base"]
+    report = EvalReport(losses["base"], losses["tuned"], ratio <= cfg.max_val_loss_ratio)
+    metrics = {
+        "base_val_loss": losses["base"],
+        "tuned_val_loss": losses["tuned"],
+        "val_loss_ratio": ratio,
+        "max_val_loss_ratio": cfg.max_val_loss_ratio,
+        "gate_passed": report.gate_passed,
+        "val_samples": len(val),
+        "val_loss_by_timestep": {
+            name: {str(t): v for t, v in d.items()} for name, d in per_t.items()
+        },
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    grid = sample_grid(pipes, cfg, manifest["resolution"])
+    with atomic_path(out / "grid.png", ".png") as tmp:
+        grid.save(tmp, "PNG")
+    write_bytes_atomic(out / "report.html", render_report(metrics, cfg).encode())
+    write_json_atomic(out / "metrics.json", metrics)
+    return report
+
+
+@torch.inference_mode()
+def held_out_loss(
+    pipe, val: list[dict], cfg: EvaluateConfig, scaling_factor: float, batch_size: int = 64
+) -> dict[int, float]:
+    """Mean MSE per timestep over the validation samples, same eps and noise for every model."""
+    scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
+    losses = {}
+    for t in cfg.val_timesteps:
+        g = torch.Generator().manual_seed(cfg.seed * 1009 + t)
+        total = 0.0
+        for lo in range(0, len(val), batch_size):
+            rows = val[lo : lo + batch_size]
+            mean = torch.stack([r["mean"] for r in rows])
+            logvar = torch.stack([r["logvar"] for r in rows])
+            eps, noise = torch.randn(mean.shape, generator=g), torch.randn(mean.shape, generator=g)
+            latents = (mean + torch.exp(0.5 * logvar) * eps) * scaling_factor
+            timesteps = torch.full((len(rows),), t, dtype=torch.long)
+            noisy = scheduler.add_noise(latents, noise, timesteps)
+            states = pipe.text_encoder(torch.stack([r["input_ids"] for r in rows]))[0]
+            pred = pipe.unet(noisy, timesteps, states).sample
+            target = (
+                noise
+                if scheduler.config.prediction_type == "epsilon"
+                else scheduler.get_velocity(latents, noise, timesteps)
+            )
+            total += F.mse_loss(pred, target, reduction="sum").item() / pred[0].numel()
+        losses[t] = total / len(val)
+    return losses
+
+
+def sample_grid(pipes: dict, cfg: EvaluateConfig, resolution: int) -> Image.Image:
+    """Rows: prompts; columns: the pipelines, each sampled from the same seed."""
+    label_w = 220
+    grid = Image.new("RGB", (label_w + CELL * len(pipes), 20 + CELL * len(cfg.prompts)), "white")
+    draw = ImageDraw.Draw(grid)
+    for col, name in enumerate(pipes):
+        draw.text((label_w + col * CELL + 4, 4), name, fill="black")
+    for row, prompt in enumerate(cfg.prompts):
+        y = 20 + row * CELL
+        draw.text((4, y + CELL // 2), prompt[:36], fill="black")
+        for col, pipe in enumerate(pipes.values()):
+            image = _sample(pipe, prompt, cfg, resolution)
+            grid.paste(image.resize((CELL, CELL), Image.NEAREST), (label_w + col * CELL, y))
+    return grid
+
+
+def _sample(pipe, prompt: str, cfg: EvaluateConfig, resolution: int) -> Image.Image:
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(
+        prompt,
+        height=resolution,
+        width=resolution,
+        num_inference_steps=cfg.num_inference_steps,
+        guidance_scale=cfg.guidance_scale,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    ).images[0]
+
+
+def render_report(metrics: dict, cfg: EvaluateConfig) -> str:
+    rows = "".join(
+        f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>"
+        for k, v in metrics.items()
+        if not isinstance(v, dict)
+    )
+    prompts = "".join(f"<li>{html.escape(p)}</li>" for p in cfg.prompts)
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>t2i evaluation</title></head>"
+        f"<body><h1>Evaluation: base vs fine-tuned</h1><table border='1'>{rows}</table>"
+        f"<h2>Samples (seed {cfg.seed}, {cfg.num_inference_steps} steps)</h2><ol>{prompts}</ol>"
+        "<img src='grid.png' alt='rows: prompts; columns: base, tuned'></body></html>\n"
+    )

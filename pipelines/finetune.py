@@ -1,0 +1,73 @@
+"""The fine-tuning DAG: base_model, pack -> cache -> train -> evaluate -> publish.
+
+Built from params (the same schema as params.yaml): each stage's section becomes a
+JSON-string parameter with the params file's values as defaults, so KFP's cache key changes
+with the config. `source_fingerprint` (a hash of the source data) is a parameter too,
+since KFP's cache key does not see file content.
+"""
+
+import json
+
+from kfp import dsl
+
+from components.common.config import Params
+from pipelines.ops import make_ops
+
+
+def _json(section) -> str:
+    return json.dumps(section.model_dump(), sort_keys=True)
+
+
+def build_pipeline(params: Params):
+    """Return the KFP pipeline function for `params` (image and defaults baked in)."""
+    ops = make_ops(params.pipeline.image)
+
+    @dsl.pipeline(
+        name=params.pipeline.name,
+        description="Fine-tune a text-to-image diffusion model (diffusers recipe)",
+    )
+    def finetune(
+        source: str = params.data.source,
+        source_fingerprint: str = "",
+        checkpoint_dir: str = "",
+        data_params: str = _json(params.data),
+        model_params: str = _json(params.model),
+        pack_params: str = _json(params.pack),
+        cache_params: str = _json(params.cache),
+        train_params: str = _json(params.train),
+        evaluate_params: str = _json(params.evaluate),
+        publish_params: str = _json(params.publish),
+    ):
+        base = ops.base_model_op(model_params=model_params).set_display_name("base-model")
+        pack = ops.pack_op(
+            source=source,
+            source_fingerprint=source_fingerprint,
+            data_params=data_params,
+            pack_params=pack_params,
+        )
+        pack.set_display_name("pack")
+        cache = ops.cache_op(
+            cache_params=cache_params,
+            shards=pack.outputs["shards"],
+            base_model=base.outputs["base_model"],
+        ).set_display_name("cache")
+        train = ops.train_op(
+            train_params=train_params,
+            checkpoint_dir=checkpoint_dir,
+            latents=cache.outputs["latents"],
+            base_model=base.outputs["base_model"],
+        ).set_display_name("train")
+        evaluation = ops.evaluate_op(
+            evaluate_params=evaluate_params,
+            model=train.outputs["model"],
+            base_model=base.outputs["base_model"],
+            latents=cache.outputs["latents"],
+        )
+        evaluation.set_display_name("evaluate")
+        ops.publish_op(
+            publish_params=publish_params,
+            model=train.outputs["model"],
+            evaluation=evaluation.outputs["evaluation"],
+        ).set_display_name("publish")
+
+    return finetune

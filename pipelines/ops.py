@@ -1,0 +1,152 @@
+"""Thin KFP components: each body imports the project and calls one stage's `run()`.
+
+No logic lives here and nothing is installed at run time: every component runs the
+project image (`install_kfp_package=False`, no `packages_to_install`). Stage configs
+arrive as JSON-string parameters (KFP dict parameters cannot hold nulls) and are
+validated by the same schema as params.yaml.
+The image is a compile-time setting, so the components are made by `make_ops(image)`.
+"""
+
+from types import SimpleNamespace
+
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
+
+
+def base_model_op(model_params: str, base_model: Output[Model]):
+    import json
+    from pathlib import Path
+
+    from components import base_model as stage
+    from components.common.config import ModelConfig, validate_section
+
+    stage.run(
+        validate_section(ModelConfig, json.loads(model_params), "model"), Path(base_model.path)
+    )
+
+
+def pack_op(
+    source: str,
+    source_fingerprint: str,
+    data_params: str,
+    pack_params: str,
+    shards: Output[Dataset],
+):
+    import json
+    from pathlib import Path
+
+    from components import pack_shards as stage
+    from components.common.config import DataConfig, PackConfig, validate_section
+
+    report = stage.run(
+        validate_section(DataConfig, json.loads(data_params), "data"),
+        validate_section(PackConfig, json.loads(pack_params), "pack"),
+        Path(source),
+        Path(shards.path),
+    )
+    shards.metadata.update(source_fingerprint=source_fingerprint, samples=report.kept)
+    print(report.summary())
+
+
+def cache_op(
+    cache_params: str, shards: Input[Dataset], base_model: Input[Model], latents: Output[Dataset]
+):
+    import json
+    from pathlib import Path
+
+    from components import cache_latents as stage
+    from components.common.config import CacheConfig, validate_section
+
+    report = stage.run(
+        validate_section(CacheConfig, json.loads(cache_params), "cache"),
+        Path(shards.path),
+        Path(base_model.path),
+        Path(latents.path),
+    )
+    print(report.summary())
+
+
+def train_op(
+    train_params: str,
+    checkpoint_dir: str,
+    latents: Input[Dataset],
+    base_model: Input[Model],
+    model: Output[Model],
+    reports: Output[Artifact],
+    train_metrics: Output[Metrics],
+):
+    import json
+    from pathlib import Path
+
+    from components import train_unet as stage
+    from components.common.config import TrainConfig, validate_section
+
+    report = stage.run(
+        validate_section(TrainConfig, json.loads(train_params), "train"),
+        Path(latents.path),
+        Path(base_model.path),
+        Path(model.path),
+        Path(reports.path),
+        Path(checkpoint_dir or Path(reports.path) / "checkpoints"),
+    )
+    for key in ("initial_loss", "final_loss", "images_per_second", "steps"):
+        train_metrics.log_metric(key, getattr(report, key))
+    print(report.summary())
+
+
+def evaluate_op(
+    evaluate_params: str,
+    model: Input[Model],
+    base_model: Input[Model],
+    latents: Input[Dataset],
+    evaluation: Output[Artifact],
+    eval_metrics: Output[Metrics],
+) -> bool:
+    import json
+    from pathlib import Path
+
+    from components import evaluate as stage
+    from components.common.config import EvaluateConfig, validate_section
+
+    report = stage.run(
+        validate_section(EvaluateConfig, json.loads(evaluate_params), "evaluate"),
+        Path(model.path),
+        Path(base_model.path),
+        Path(latents.path),
+        Path(evaluation.path),
+    )
+    metrics = json.loads((Path(evaluation.path) / "metrics.json").read_text())
+    for key, value in metrics.items():
+        if isinstance(value, (int, float)):
+            eval_metrics.log_metric(key, float(value))
+    print(report.summary())
+    return report.gate_passed
+
+
+def publish_op(
+    publish_params: str,
+    model: Input[Model],
+    evaluation: Input[Artifact],
+    receipt: Output[Artifact],
+):
+    import json
+    from pathlib import Path
+
+    from components import publish as stage
+    from components.common.config import PublishConfig, validate_section
+
+    result = stage.run(
+        validate_section(PublishConfig, json.loads(publish_params), "publish"),
+        Path(model.path),
+        Path(evaluation.path),
+        Path(receipt.path),
+    )
+    print(result)
+
+
+def make_ops(image: str) -> SimpleNamespace:
+    """The components above, bound to the project image `image`."""
+    funcs = (base_model_op, pack_op, cache_op, train_op, evaluate_op, publish_op)
+    return SimpleNamespace(
+        **{f.__name__: dsl.component(f, base_image=image, install_kfp_package=False) for f in funcs}
+    )

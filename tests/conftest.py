@@ -1,0 +1,72 @@
+"""Shared fixtures: a tiny model, a small sample set, its shards and latents (built once)."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "data"))
+
+from components import base_model, cache_latents, pack_shards, train_unet  # noqa: E402
+from components.common.config import (  # noqa: E402
+    CacheConfig,
+    DataConfig,
+    ModelConfig,
+    PackConfig,
+    TrainConfig,
+)
+
+PACK = PackConfig(val_fraction=0.2, shard_max_samples=16)
+CACHE = CacheConfig(resolution=32, random_flip=True, batch_size=16)
+TRAIN = TrainConfig(
+    train_batch_size=8,
+    max_train_steps=30,
+    learning_rate=1e-3,
+    checkpointing_steps=10,
+    lr_scheduler="constant",
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("base") / "base-model"
+    base_model.run(ModelConfig(seed=0), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sample_source(tmp_path_factory) -> Path:
+    from make_sample import make_sample
+
+    out = tmp_path_factory.mktemp("sample") / "sample"
+    make_sample(out, count=48)
+    return out
+
+
+@pytest.fixture(scope="session")
+def shards(sample_source, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards") / "shards"
+    pack_shards.run(DataConfig(), PACK, sample_source, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def latents(shards, tiny_model, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("latents") / "latents"
+    cache_latents.run(CACHE, shards, tiny_model, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained(latents, tiny_model, tmp_path_factory) -> tuple[Path, train_unet.TrainReport]:
+    root = tmp_path_factory.mktemp("trained")
+    report = train_unet.run(
+        TRAIN, latents, tiny_model, root / "model", root / "train", root / "checkpoints"
+    )
+    return root, report
