@@ -151,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 on a usage error, naming the flag
     debug = args.debug or os.environ.get("T2I_DEBUG") == "1"
+    if not debug:  # library chatter (e.g. "torchvision not installed") is not for users
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         params = load_params(args.params, args.overrides)
         print(args.func(params, args))

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from components.common.config import CacheConfig
 from components.common.errors import T2IError
 from components.common.io import atomic_dir, sha256_file, sha256_json, write_json_atomic
-from components.common.models import load_tokenizer, load_vae, weights_sha256
+from components.common.models import default_device, load_tokenizer, load_vae, weights_sha256
 from components.common.shards import read_shard, write_shard
 from components.pack_shards import read_manifest
 
@@ -53,7 +53,7 @@ def run(cfg: CacheConfig, shards: Path, model: Path, out: Path) -> CacheReport:
     """
     shards, out = Path(shards), Path(out)
     packed = read_manifest(shards)
-    vae, tokenizer = load_vae(model).eval(), load_tokenizer(model)
+    vae, tokenizer = load_vae(model).eval().to(default_device()), load_tokenizer(model)
     model_key = {
         "vae": weights_sha256(model, "vae"),
         "tokenizer": weights_sha256(model, "tokenizer"),

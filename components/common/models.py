@@ -9,6 +9,13 @@ from components.common.errors import T2IError
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
+def default_device() -> str:
+    """CUDA when there is a GPU, else CPU: inference stages (cache, evaluate) use it."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def check_model_dir(path: Path, parts: tuple[str, ...] = PARTS) -> Path:
     """Return `path` if it is a diffusers SD folder holding `parts`, else raise T2IError."""
     path = Path(path)

@@ -18,7 +18,7 @@ from components.cache_latents import load_split, read_latent_manifest
 from components.common.config import EvaluateConfig
 from components.common.errors import T2IError
 from components.common.io import atomic_path, write_bytes_atomic, write_json_atomic
-from components.common.models import check_model_dir
+from components.common.models import check_model_dir, default_device
 
 CELL = 128  # pixels per grid cell: tiny samples are upscaled to be seen
 
@@ -50,7 +50,7 @@ def run(cfg: EvaluateConfig, model: Path, base_model: Path, latents: Path, out: 
     if not val:
         raise T2IError(f"{latents}: no validation samples; raise pack.val_fraction")
     pipes = {
-        name: StableDiffusionPipeline.from_pretrained(check_model_dir(path)).to("cpu")
+        name: StableDiffusionPipeline.from_pretrained(check_model_dir(path)).to(default_device())
         for name, path in (("base", base_model), ("tuned", model))
     }
     per_t = {
@@ -97,8 +97,11 @@ def held_out_loss(
             eps, noise = torch.randn(mean.shape, generator=g), torch.randn(mean.shape, generator=g)
             latents = (mean + torch.exp(0.5 * logvar) * eps) * scaling_factor
             timesteps = torch.full((len(rows),), t, dtype=torch.long)
+            latents, noise = latents.to(pipe.device), noise.to(pipe.device)
+            timesteps = timesteps.to(pipe.device)
             noisy = scheduler.add_noise(latents, noise, timesteps)
-            states = pipe.text_encoder(torch.stack([r["input_ids"] for r in rows]))[0]
+            ids = torch.stack([r["input_ids"] for r in rows]).to(pipe.device)
+            states = pipe.text_encoder(ids)[0]
             pred = pipe.unet(noisy, timesteps, states).sample
             target = (
                 noise
