@@ -1,0 +1,81 @@
+"""`t2i pipeline submit / schedule` against a local HTTP server that records requests."""
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+
+from components.common.config import load_params
+from components.common.errors import ConfigError
+from pipelines import commands
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def kfp_api():
+    """A fake KFP v2beta1 API: answers every call, remembers (method, path, json body)."""
+    seen: list[tuple[str, str, dict]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def _reply(self):
+            length = int(self.headers.get("Content-Length") or 0)
+            body = json.loads(self.rfile.read(length)) if length else {}
+            seen.append((self.command, self.path.split("?")[0], body))
+            data = json.dumps(
+                {
+                    "experiment_id": "exp-1",
+                    "run_id": "run-1",
+                    "recurring_run_id": "job-1",
+                    "experiments": [{"experiment_id": "exp-1", "display_name": "t2i-finetune"}],
+                }
+            ).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = _reply
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}", seen
+    server.shutdown()
+
+
+def posts(seen, path):
+    return [body for method, p, body in seen if method == "POST" and p == path]
+
+
+def test_submit_posts_the_compiled_pipeline_into_the_experiment(kfp_api):
+    host, seen = kfp_api
+    params = load_params(REPO / "params.yaml", [f"pipeline.host={host}"])
+    assert commands.submit(params) == "run-1"
+    (run,) = posts(seen, "/apis/v2beta1/runs")
+    assert run["experiment_id"] == "exp-1"
+    spec = run["pipeline_spec"]
+    assert spec["pipelineInfo"]["name"] == params.pipeline.name
+    assert set(spec["root"]["dag"]["tasks"]) >= {"train-op", "publish-op"}
+
+
+def test_schedule_creates_one_recurring_run_with_the_cron(kfp_api):
+    host, seen = kfp_api
+    params = load_params(
+        REPO / "params.yaml", [f"pipeline.host={host}", "pipeline.schedule_cron=0 30 2 * * *"]
+    )
+    assert commands.schedule(params) == "job-1"
+    (job,) = posts(seen, "/apis/v2beta1/recurringruns")
+    assert job["trigger"]["cron_schedule"]["cron"] == "0 30 2 * * *"
+    assert int(job["max_concurrency"]) == 1 and job["no_catchup"] is True
+    assert job["experiment_id"] == "exp-1"
+
+
+def test_submit_without_host_is_a_config_error():
+    with pytest.raises(ConfigError, match="pipeline.host"):
+        commands.submit(load_params(REPO / "params.yaml"))
