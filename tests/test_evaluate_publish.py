@@ -62,3 +62,10 @@ def test_failed_gate_publishes_nothing(trained, evaluation, tmp_path):
     receipt = publish.run(cfg, trained[0] / "model", failed, tmp_path / "out")
     assert receipt["published"] is False and "gate failed" in receipt["reason"]
     assert not (tmp_path / "registry" / "m").exists()
+
+
+def test_version_folder_without_receipt_is_skipped_not_fatal(trained, evaluation, tmp_path):
+    (tmp_path / "registry" / "m" / "1").mkdir(parents=True)  # someone copied a folder in
+    cfg = PublishConfig(name="m", registry=str(tmp_path / "registry"))
+    receipt = publish.run(cfg, trained[0] / "model", evaluation[0], tmp_path / "out")
+    assert receipt["version"] == 2 and receipt["new"]

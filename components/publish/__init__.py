@@ -54,7 +54,10 @@ def publish_local(model: Path, cfg: PublishConfig, unet_sha: str, receipt: dict)
     root.mkdir(parents=True, exist_ok=True)
     versions = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit())
     for v in reversed(versions):
-        old = json.loads((root / str(v) / "receipt.json").read_text())
+        receipt_path = root / str(v) / "receipt.json"
+        if not receipt_path.is_file():  # not published by us (copied by hand?): never reuse
+            continue
+        old = json.loads(receipt_path.read_text())
         if old.get("unet_sha256") == unet_sha:
             return {"version": v, "path": str(root / str(v)), "new": False}
     version = (versions[-1] + 1) if versions else 1
