@@ -21,9 +21,15 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
+    # A folder or file; ignored when dataset_name is set.
     source: str = "data/sample"
+    format: Literal["auto", "imagefolder", "captions", "datasets", "webdataset"] = "auto"
     image_column: str = "image"
     caption_column: str = "text"
+    # A `datasets` name (hub or local cache), as the recipe's --dataset_name.
+    dataset_name: str | None = None
+    dataset_config_name: str | None = None
+    dataset_split: str = "train"
 
 
 class ModelConfig(Section):
@@ -36,10 +42,19 @@ class ModelConfig(Section):
 class PackConfig(Section):
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     shard_max_samples: int = Field(1000, ge=1)
+    shard_max_bytes: int = Field(1 << 30, ge=1)
     image_format: Literal["png", "jpg", "webp"] = "png"
     quality: int = Field(95, ge=1, le=100)
+    # Longest side is downscaled (LANCZOS) to this; null keeps the original size.
+    max_image_side: int | None = Field(1024, ge=8)
     min_image_side: int = Field(8, ge=1)
+    max_aspect_ratio: float = Field(4.0, ge=1.0)
+    # Larger images are rejected as decompression bombs (Pillow's default limit).
+    max_image_pixels: int = Field(89_478_485, ge=1)
+    empty_caption: Literal["reject", "keep", "filename"] = "reject"
     max_reject_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    # Worker processes; 0 = one per CPU core. Not part of the output's identity.
+    num_workers: int = Field(0, ge=0)
 
 
 class CacheConfig(Section):

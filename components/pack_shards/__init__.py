@@ -1,42 +1,42 @@
-"""pack: images + captions (imagefolder layout) -> checksummed WebDataset tar shards.
+"""pack: images + captions in any common dataset shape -> checksummed WebDataset shards.
 
-Every sample is fully decoded; one that cannot be used is skipped and written to
-`rejected.jsonl` with its reason, never fatal (unless too many are).
+Every sample is fully decoded in worker processes; one that cannot be used is
+skipped and written to `rejected.jsonl` with its reason, never fatal (unless too
+many are). Packing is incremental: a sample is remembered by its key and a
+fingerprint of its bytes and caption, so an unchanged source writes nothing, new
+samples go into new shards and a changed or removed sample rewrites only its shard.
+
+Output folder:
+- `{split}-{serial:06d}.tar`: the shards; a serial is never reused, so a shard file
+  listed by the manifest is never overwritten.
+- `{shard}.index.json`: the samples of each shard (key, fingerprint, pixel hash).
+- `rejected.jsonl`, then `manifest.json`, which is the commit point: a crash before
+  it leaves the previous complete output; files it does not list are deleted after.
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
 import json
-from collections import Counter
+import multiprocessing
+import os
+import re
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, ImageOps
-
 from components.common.config import DataConfig, PackConfig
-from components.common.errors import ConfigError, T2IError
-from components.common.io import (
-    atomic_dir,
-    sha256_file,
-    sha256_json,
-    write_bytes_atomic,
-    write_json_atomic,
-)
+from components.common.errors import T2IError
+from components.common.io import sha256_file, write_bytes_atomic
 from components.common.shards import write_shard
+from components.pack_shards.decode import Packed, pack_sample
+from components.pack_shards.plan import Plan, PreviousPack, fingerprints, plan_pack
+from components.pack_shards.sources import Sample, list_samples
 
 MANIFEST = "manifest.json"
 REJECTED = "rejected.jsonl"
-_PIL_FORMAT = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
-
-
-@dataclass
-class Sample:
-    key: str
-    source: str
-    caption: str
+INDEX_SUFFIX = ".index.json"
+_SHARD_NAME = re.compile(r"^(train|val)-(\d{6})\.tar$")
 
 
 @dataclass
@@ -46,164 +46,134 @@ class PackReport:
     shards: int
     bytes: int
     splits: dict[str, int] = field(default_factory=dict)
+    written: int = 0  # shards written this run (the rest were kept as they were)
+    decoded: int = 0
+    images_per_s: float = 0.0
 
     def summary(self) -> str:
         why = ", ".join(f"{r}: {n}" for r, n in sorted(self.rejected.items())) or "none"
         return (
             f"packed {self.kept} samples ({self.splits.get('train', 0)} train, "
             f"{self.splits.get('val', 0)} val) into {self.shards} shards, "
-            f"{self.bytes / 1e6:.2f} MB; rejected {sum(self.rejected.values())} ({why})"
+            f"{self.bytes / 1e6:.2f} MB ({self.written} written, "
+            f"{self.shards - self.written} unchanged; {self.decoded} images decoded"
+            f"{f' at {self.images_per_s:.0f}/s' if self.decoded else ''}); "
+            f"rejected {sum(self.rejected.values())} ({why})"
         )
-
-
-class Rejected(Exception):
-    """A sample that cannot be packed; the message is the reason."""
 
 
 def run(data: DataConfig, cfg: PackConfig, source: Path, out: Path) -> PackReport:
-    """Pack the imagefolder at `source` into shards under `out` (replaced atomically).
+    """Pack `source` (any supported format) into shards under `out`, incrementally.
 
     Raises ConfigError for a missing/empty source or a missing column, and T2IError
-    when the rejected fraction exceeds `pack.max_reject_fraction`.
+    when the rejected fraction exceeds `pack.max_reject_fraction` (the previous
+    output is then left as it was; `rejected.jsonl` says why).
     """
-    source = Path(source)
-    listed = list_imagefolder(source, data)
-    packed: dict[str, list[dict[str, bytes]]] = {"train": [], "val": []}
-    rejected: list[dict[str, str]] = []
-    seen_pixels: dict[str, str] = {}
-    for sample in listed:
-        try:
-            record = pack_sample(sample, source, cfg, seen_pixels)
-        except Rejected as why:
-            rejected.append({"source": sample.source, "reason": str(why)})
-            continue
-        packed[split_of(sample.key, cfg.val_fraction)].append(record)
+    out = Path(out)
+    fmt, samples = list_samples(Path(source), data)
+    fps = fingerprints(samples)
+    previous = PreviousPack.load(out, cfg, fmt)
+    todo = previous.todo(samples, fps)
+    started = time.perf_counter()
+    fresh = dict(zip((s.key for s in todo), process(todo, cfg), strict=True))
+    rate = len(todo) / max(time.perf_counter() - started, 1e-9)
+    plan = plan_pack(samples, fps, previous, fresh, cfg)
 
-    kept = sum(len(v) for v in packed.values())
-    if not kept or len(rejected) / len(listed) > cfg.max_reject_fraction:
-        _write_rejected(out, rejected)  # so the user can see why
+    total = len(samples)
+    if not plan.kept or len(plan.rejected) / total > cfg.max_reject_fraction:
+        _write_if_changed(out / REJECTED, plan.rejected_jsonl())
         raise T2IError(
-            f"{source}: rejected {len(rejected)} of {len(listed)} samples "
+            f"{source}: rejected {len(plan.rejected)} of {total} samples "
             f"(limit pack.max_reject_fraction={cfg.max_reject_fraction}); see {out / REJECTED}"
         )
-
-    with atomic_dir(out) as tmp:
-        shards = []
-        for split, records in packed.items():
-            records.sort(key=lambda r: r["__key__"])
-            step = cfg.shard_max_samples
-            for i in range(0, len(records), step):
-                name = f"{split}-{i // step:06d}.tar"
-                write_shard(tmp / name, records[i : i + step])
-                shards.append(_shard_entry(tmp / name, split, len(records[i : i + step])))
-        _write_rejected(tmp, rejected)
-        manifest = {
-            "shards": shards,
-            "samples": {s: len(r) for s, r in packed.items()},
-            "rejected": len(rejected),
-            "pack_config": cfg.model_dump(),
-            "source_fingerprint": sha256_json([(s.key, s.caption) for s in listed]),
-        }
-        write_json_atomic(tmp / MANIFEST, manifest)
+    written = write_plan(plan, previous, fresh, out)
+    manifest = plan.manifest(fmt, cfg, written)
+    _write_if_changed(out / REJECTED, plan.rejected_jsonl())
+    _write_if_changed(out / MANIFEST, _json_bytes(manifest))
+    remove_unlisted(out, manifest)
     return PackReport(
-        kept=kept,
-        rejected=dict(Counter(r["reason"].split(":")[0] for r in rejected)),
-        shards=len(shards),
-        bytes=sum(s["bytes"] for s in shards),
+        kept=sum(manifest["samples"].values()),
+        rejected=manifest["rejected_by_reason"],
+        shards=len(manifest["shards"]),
+        bytes=sum(s["bytes"] for s in manifest["shards"]),
         splits=manifest["samples"],
+        written=len(written),
+        decoded=len(todo),
+        images_per_s=rate,
     )
 
 
-def list_imagefolder(source: Path, data: DataConfig) -> list[Sample]:
-    """Rows of every metadata.jsonl / metadata.csv below `source`, paths relative to it."""
-    if not source.is_dir():
-        raise ConfigError(f"data.source {str(source)!r}: no such folder")
-    tables = sorted(source.rglob("metadata.jsonl")) + sorted(source.rglob("metadata.csv"))
-    if not tables:
-        raise ConfigError(f"data.source {str(source)!r}: no metadata.jsonl or metadata.csv")
-    samples = []
-    for table in tables:
-        for row in _read_rows(table):
-            image = row.get(data.image_column, row.get("file_name"))
-            if image is None or data.caption_column not in row:
-                missing = data.caption_column if image is not None else data.image_column
-                raise ConfigError(
-                    f"{table}: no column {missing!r} (data.image_column/caption_column); "
-                    f"columns are {sorted(row)}"
-                )
-            rel = (table.parent / str(image)).relative_to(source).as_posix()
-            key = hashlib.sha256(rel.encode()).hexdigest()[:16]
-            samples.append(Sample(key, rel, row[data.caption_column]))
-    if not samples:
-        raise ConfigError(f"data.source {str(source)!r}: the metadata lists no samples")
-    return samples
+def process(todo: list[Sample], cfg: PackConfig) -> Iterator[Packed | str]:
+    """Decode and re-encode `todo` in worker processes, in order, with a progress bar."""
+    from tqdm import tqdm
 
-
-def _read_rows(table: Path) -> list[dict]:
+    workers = cfg.num_workers or os.cpu_count() or 1
+    workers = min(workers, max(1, len(todo) // 8))
+    bar = tqdm(total=len(todo), desc="pack", unit="img", disable=not todo)
+    args = [(s, cfg) for s in todo]
+    if workers <= 1:
+        results = (pack_sample(*a) for a in args)
+        pool = None
+    else:
+        pool = multiprocessing.get_context().Pool(workers)
+        results = pool.imap(_pack_star, args, chunksize=max(1, min(16, len(todo) // workers // 4)))
     try:
-        if table.suffix == ".csv":
-            with open(table, newline="", encoding="utf-8") as f:
-                return list(csv.DictReader(f))
-        return [json.loads(line) for line in table.read_text("utf-8").splitlines() if line.strip()]
-    except (UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
-        raise ConfigError(f"{table}: unreadable metadata ({e})") from None
+        for result in results:
+            bar.update(1)
+            yield result
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
 
 
-def pack_sample(sample: Sample, source: Path, cfg: PackConfig, seen: dict[str, str]) -> dict:
-    """Decode, check and re-encode one sample; raise Rejected with the reason."""
-    path = source / sample.source
-    if path.is_symlink() and not path.resolve().is_relative_to(source.resolve()):
-        raise Rejected("symlink_outside_source")
-    if not path.is_file():
-        raise Rejected("missing_file")
-    caption = " ".join(str(sample.caption or "").split())
-    if not caption:
-        raise Rejected("empty_caption")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            orig_size, orig_mode = img.size, img.mode
-            rgb = to_rgb(img)
-    except Image.DecompressionBombError:
-        raise Rejected("decompression_bomb") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise Rejected(f"undecodable: {e}") from None
-    if min(rgb.size) < cfg.min_image_side:
-        raise Rejected(f"too_small: {rgb.size[0]}x{rgb.size[1]}")
-    pixels_sha = hashlib.sha256(rgb.tobytes()).hexdigest()
-    if pixels_sha in seen:
-        raise Rejected(f"duplicate: of {seen[pixels_sha]}")
-    seen[pixels_sha] = sample.source
-    buf = io.BytesIO()
-    fmt = _PIL_FORMAT[cfg.image_format]
-    rgb.save(buf, fmt, **({} if fmt == "PNG" else {"quality": cfg.quality}))
-    meta = {"source": sample.source, "size": list(orig_size), "mode": orig_mode}
-    meta["sha256"] = pixels_sha
-    return {
-        "__key__": sample.key,
-        cfg.image_format: buf.getvalue(),
-        "txt": caption.encode("utf-8"),
-        "json": json.dumps(meta, sort_keys=True).encode(),
-    }
+def _pack_star(args: tuple[Sample, PackConfig]) -> Packed | str:
+    return pack_sample(*args)
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB, with any transparency composited on white."""
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return img.convert("RGB")
+def write_plan(plan: Plan, previous: PreviousPack, fresh: dict, out: Path) -> dict[str, dict]:
+    """Write every new or rewritten shard (and its index) under a fresh serial name.
+
+    Returns {name: manifest entry} of the shards written. Records of samples kept
+    from an old shard are copied from it, never decoded again.
+    """
+    written = {}
+    serial = max(previous.next_serial, _max_serial(out) + 1)
+    for shard in plan.to_write:
+        name = f"{shard.split}-{serial:06d}.tar"
+        serial += 1
+        records = []
+        copied = previous.records(shard.copy_from) if shard.copy_from else {}
+        for member in shard.members:
+            new = fresh.get(member["key"])
+            records.append(new.record if isinstance(new, Packed) else copied[member["key"]])
+        write_shard(out / name, records)
+        write_bytes_atomic(out / (name + INDEX_SUFFIX), _json_bytes(shard.members))
+        written[name] = {
+            "name": name,
+            "split": shard.split,
+            "samples": len(records),
+            "bytes": (out / name).stat().st_size,
+            "sha256": sha256_file(out / name),
+        }
+    if written:
+        plan.next_serial = serial
+    return written
 
 
-def split_of(key: str, val_fraction: float) -> str:
-    """'val' or 'train' from a hash of the key: stable when samples are added."""
-    h = int(hashlib.sha256(f"split:{key}".encode()).hexdigest()[:8], 16) / 2**32
-    return "val" if h < val_fraction else "train"
+def remove_unlisted(out: Path, manifest: dict) -> None:
+    """Delete shards, indexes and temporaries the committed manifest does not list."""
+    keep = {MANIFEST, REJECTED}
+    for shard in manifest["shards"]:
+        keep |= {shard["name"], shard["name"] + INDEX_SUFFIX}
+    for path in out.iterdir():
+        if path.is_file() and path.name not in keep:
+            if _SHARD_NAME.match(path.name.removesuffix(INDEX_SUFFIX)) or path.name.startswith("."):
+                path.unlink()
 
 
 def read_manifest(shards_dir: Path) -> dict:
+    """The committed manifest of a pack output. T2IError when there is none."""
     path = Path(shards_dir) / MANIFEST
     try:
         return json.loads(path.read_text())
@@ -211,16 +181,17 @@ def read_manifest(shards_dir: Path) -> dict:
         raise T2IError(f"{path}: missing; run `t2i pack` first") from None
 
 
-def _shard_entry(path: Path, split: str, samples: int) -> dict:
-    return {
-        "name": path.name,
-        "split": split,
-        "samples": samples,
-        "bytes": path.stat().st_size,
-        "sha256": sha256_file(path),
-    }
+def _max_serial(out: Path) -> int:
+    found = [int(m.group(2)) for p in out.glob("*.tar") if (m := _SHARD_NAME.match(p.name))]
+    return max(found, default=-1)
 
 
-def _write_rejected(folder: Path, rejected: list[dict]) -> None:
-    body = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejected)
-    write_bytes_atomic(Path(folder) / REJECTED, body.encode())
+def _json_bytes(obj) -> bytes:
+    return (json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode()
+
+
+def _write_if_changed(path: Path, data: bytes) -> None:
+    """Atomic write, skipped when the file already holds exactly `data`."""
+    if path.is_file() and path.read_bytes() == data:
+        return
+    write_bytes_atomic(path, data)

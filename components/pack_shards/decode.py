@@ -1,0 +1,178 @@
+"""One sample in, one clean shard record (or a rejection reason) out.
+
+Runs in worker processes, so everything here is a pure function of the sample and
+the pack config. The image is fully decoded (`load()`, which catches truncation),
+EXIF orientation applied, converted to RGB, filtered, optionally downscaled and
+re-encoded. Nothing is unpickled: images come in as bytes, records go out as bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from components.common.config import PackConfig
+from components.pack_shards.sources import MISSING, Sample
+
+PIL_FORMAT = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
+
+
+class Rejected(Exception):
+    """A sample that cannot be packed; the message is the reason (`kind: detail`)."""
+
+
+@dataclass
+class Packed:
+    key: str
+    record: dict[str, bytes]  # {"__key__", image ext, "txt", "json"}
+    pixels_sha256: str
+
+
+def pack_sample(sample: Sample, cfg: PackConfig) -> Packed | str:
+    """The shard record for `sample`, or the reason it is rejected (never raises)."""
+    try:
+        return _pack(sample, cfg)
+    except Rejected as why:
+        return str(why)
+    except Exception as e:  # a decoder bug must cost one sample, not the run
+        return f"undecodable: {type(e).__name__}: {e}"
+
+
+def _pack(sample: Sample, cfg: PackConfig) -> Packed:
+    if sample.problem:
+        raise Rejected(sample.problem)
+    if sample.blob is None:
+        raise Rejected("missing_file")
+    caption = clean_caption(sample, cfg)
+    data = sample.blob.read()
+    if not data:
+        raise Rejected("undecodable: empty file")
+    image, info = decode_image(data, cfg)
+    w, h = image.size
+    if min(w, h) < cfg.min_image_side:
+        raise Rejected(f"too_small: {w}x{h}")
+    if max(w, h) / min(w, h) > cfg.max_aspect_ratio:
+        raise Rejected(f"aspect_ratio: {w}x{h}")
+    image = downscale(image, cfg.max_image_side)
+    pixels_sha256 = hashlib.sha256(image.tobytes()).hexdigest()
+    ext = cfg.image_format
+    meta = {
+        "source": sample.source,
+        "size": [w, h],
+        "mode": info["mode"],
+        "format": info["format"],
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "pixels_sha256": pixels_sha256,
+        "stored_size": list(image.size),
+    }
+    if info["frames"] > 1:
+        meta["frames"] = info["frames"]
+    record = {
+        "__key__": sample.key,
+        ext: encode_image(image, ext, cfg.quality),
+        "txt": caption.encode("utf-8"),
+        "json": json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8"),
+    }
+    return Packed(sample.key, record, pixels_sha256)
+
+
+def clean_caption(sample: Sample, cfg: PackConfig) -> str:
+    """Valid UTF-8, whitespace normalised; empty/missing per `pack.empty_caption`."""
+    raw = sample.caption
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise Rejected("invalid_utf8_caption") from None
+    elif raw is not MISSING and not isinstance(raw, str):
+        raw = str(raw)  # a number in a CSV/parquet caption column
+    if isinstance(raw, str):
+        try:
+            raw.encode("utf-8")  # lone surrogates: undecodable bytes in the metadata
+        except UnicodeEncodeError:
+            raise Rejected("invalid_utf8_caption") from None
+    caption = " ".join(raw.split()) if raw is not MISSING else ""
+    if caption:
+        return caption
+    if cfg.empty_caption == "keep":
+        return ""
+    if cfg.empty_caption == "filename":
+        stem = PurePosixPath(sample.source.rsplit(":", 1)[-1]).stem
+        return " ".join(stem.replace("_", " ").replace("-", " ").split())
+    raise Rejected("missing_caption" if raw is MISSING else "empty_caption")
+
+
+def decode_image(data: bytes, cfg: PackConfig) -> tuple[Image.Image, dict]:
+    """Fully decoded, EXIF-oriented RGB image (first frame) and what it was."""
+    Image.MAX_IMAGE_PIXELS = cfg.max_image_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                info = {
+                    "mode": img.mode,
+                    "format": img.format,
+                    "frames": getattr(img, "n_frames", 1),
+                }
+                _draft_for(img, cfg.max_image_side)
+                img.load()
+                oriented = ImageOps.exif_transpose(img)
+                return to_rgb(oriented), info
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise Rejected(f"decompression_bomb: {e}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise Rejected(f"undecodable: {e}") from None
+
+
+def _draft_for(img: Image.Image, max_side: int | None) -> None:
+    """Let the JPEG decoder scale by 1/2..1/8 when we downscale anyway (much faster),
+    never below the size we will resize to."""
+    if img.format != "JPEG" or not max_side or max(img.size) <= max_side:
+        return
+    scale = max_side / max(img.size)
+    img.draft("RGB", (max(1, round(img.width * scale)), max(1, round(img.height * scale))))
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB: transparency composited on white, 16-bit scaled down, CMYK converted."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        array = np.asarray(img, dtype=np.float64)
+        sixteen = img.mode.startswith("I;16") or (img.mode == "I" and array.max(initial=0) > 255)
+        peak = 65535.0 if sixteen else 255.0
+        array = np.clip(array * (255.0 / peak), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(array).convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        img.mode == "P" and "transparency" in img.info
+    ):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def downscale(image: Image.Image, max_side: int | None) -> Image.Image:
+    """Longest side to at most `max_side` (LANCZOS), aspect ratio kept."""
+    if not max_side or max(image.size) <= max_side:
+        return image
+    scale = max_side / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.LANCZOS)
+
+
+def encode_image(image: Image.Image, ext: str, quality: int) -> bytes:
+    buf = io.BytesIO()
+    fmt = PIL_FORMAT[ext]
+    if fmt == "PNG":
+        image.save(buf, fmt, compress_level=6)
+    elif fmt == "WEBP":
+        image.save(buf, fmt, quality=quality, method=4)
+    else:
+        image.save(buf, fmt, quality=quality, subsampling=0 if quality >= 90 else 2)
+    return buf.getvalue()
