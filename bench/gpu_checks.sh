@@ -15,6 +15,17 @@ fi
   python3 -c "import xformers, xformers.ops; print('xformers', xformers.__version__)" 2>&1 | tail -1
 } | tee "$OUT/env.txt"
 bench() { timeout "$1" python3 bench/train_step.py --device cuda --dtype bf16 "${@:2}"; }
+SECTIONS=${*:-train cache}
+if [[ " $SECTIONS " == *" cache "* ]]; then
+  # VAE moments at 512 px, SD 1.5 VAE architecture: bf16 batch sweep, fp32, and error.
+  timeout 120 python3 bench/cache.py --model sd15 --resolution 512 --device cuda --dtype bf16 \
+    --batch 8 16 32 64 --steps 5 --warmup 2 --json "$OUT/cache_sd15_bf16.jsonl"
+  timeout 60 python3 bench/cache.py --model sd15 --resolution 512 --device cuda --dtype fp32 \
+    --batch 16 --steps 5 --warmup 2 --json "$OUT/cache_sd15_fp32.jsonl"
+  timeout 60 python3 bench/cache.py --model sd15 --resolution 512 --device cuda \
+    --compare-dtypes --json "$OUT/cache_sd15_dtypes.jsonl"
+fi
+[[ " $SECTIONS " == *" train "* ]] || { echo done; exit 0; }
 # SD 1.5 architecture at 512 px (64x64x4 latents): ours vs upstream, and the switches.
 bench 300 --model sd15 --resolution 512 --batch 8 16 32 --steps 8 --warmup 3 \
   --variants upstream base xformers channels_last fused_adam grad_ckpt --json "$OUT/sd15.jsonl"

@@ -33,7 +33,13 @@ def _pack(p, a):
 def _cache(p, a):
     from components import cache_latents
 
-    return cache_latents.run(p.cache, a.shards, a.model, a.out).summary() + f" -> {a.out}"
+    if a.merge:
+        manifest = cache_latents.merge(a.shards, a.out)
+        return f"merged {len(manifest['shards'])} latent shards -> {a.out}"
+    if (a.worker_index is None) != (a.num_workers is None):
+        raise ConfigError("--worker-index and --num-workers go together")
+    r = cache_latents.run(p.cache, a.shards, a.model, a.out, a.worker_index, a.num_workers)
+    return r.summary() + f" -> {a.out}"
 
 
 def _train(p, a):
@@ -100,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     stage("base-model", _base_model, "build or fetch the base model", out="artifacts/base-model")
     stage("pack", _pack, "images + captions -> WebDataset shards", source=None, out="data/shards")
-    stage(
+    cache = stage(
         "cache",
         _cache,
         "shards -> VAE latent moments + token ids",
@@ -108,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
         model="artifacts/base-model",
         out="data/latents",
     )
+    cache.add_argument("--worker-index", type=int, help="encode only shards i, i+n, ...")
+    cache.add_argument("--num-workers", type=int, help="n, with --worker-index")
+    cache.add_argument("--merge", action="store_true", help="write the manifest from parts")
     stage(
         "train",
         _train,

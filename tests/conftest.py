@@ -33,6 +33,35 @@ TRAIN = TrainConfig(
 )
 
 
+_SIGKILL_ON_SECOND_SHARD = """
+import os, signal, sys
+import {module} as stage
+from components.common.config import *
+real, calls = stage.write_shard, []
+def dying(path, records):
+    calls.append(path)
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(path, records)
+stage.write_shard = dying
+stage.run({call})
+"""
+
+
+def run_killed_on_second_shard(module: str, call: str, *args) -> None:
+    """Run `module.run(call)` in a subprocess that SIGKILLs itself as its second shard
+    starts (sys.argv holds `args`); assert it died by the signal."""
+    import subprocess
+
+    script = _SIGKILL_ON_SECOND_SHARD.format(module=module, call=call)
+    done = subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+    )
+    assert done.returncode == -9, done.stderr[-2000:]
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("base") / "base-model"

@@ -1,6 +1,5 @@
 import io
 import json
-import os
 import subprocess
 import sys
 import tarfile
@@ -16,7 +15,7 @@ from components.common.errors import ConfigError, T2IError
 from components.common.io import sha256_file
 from components.common.shards import read_shard, write_shard
 
-from .conftest import PACK, REPO
+from .conftest import PACK, REPO, run_killed_on_second_shard
 from .zoo import make_zoo, photo
 
 
@@ -414,34 +413,14 @@ def test_config_change_or_corrupt_shard_repacks(tmp_path):
     assert report.written == 0  # worker count is not part of the output
 
 
-_KILL_ON_SECOND_SHARD = """
-import os, signal, sys
-import components.pack_shards as pack
-from components.common.config import DataConfig, PackConfig
-real, calls = pack.write_shard, []
-def dying(path, samples):
-    calls.append(path)
-    if len(calls) == 2:
-        os.kill(os.getpid(), signal.SIGKILL)
-    real(path, samples)
-pack.write_shard = dying
-pack.run(DataConfig(), PackConfig(val_fraction=0.2, shard_max_samples=4), sys.argv[1], sys.argv[2])
-"""
-
-
 def test_sigkill_mid_pack_leaves_the_previous_output(tmp_path):
     src, out = tmp_path / "src", tmp_path / "out"
     make_sample(src, 20)
     cfg = PackConfig(val_fraction=0.2, shard_max_samples=4)
 
     def killed_run():
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        done = subprocess.run(
-            [sys.executable, "-c", _KILL_ON_SECOND_SHARD, str(src), str(out)],
-            env=env,
-            capture_output=True,
-        )
-        assert done.returncode == -9
+        call = "DataConfig(), PackConfig(val_fraction=0.2, shard_max_samples=4), *sys.argv[1:]"
+        run_killed_on_second_shard("components.pack_shards", call, src, out)
 
     killed_run()  # first run dies: no manifest, so no (partial) output is trusted
     assert not (out / "manifest.json").exists()

@@ -1,35 +1,40 @@
-"""cache: VAE latent moments and token ids for every packed sample, keyed by content.
+"""cache: VAE latent moments and text conditioning for every packed sample, keyed by content.
 
-One latent shard per input shard. Each sample is `{key}.safetensors` holding the
-VAE posterior moments (`mean`, `logvar`; `mean_flip`, `logvar_flip` when
-`random_flip`) and `input_ids`, plus `{key}.json` (caption, original size, crop).
-A shard whose cache key (input content + model + transforms) is unchanged is reused.
+One latent shard per input shard. Each sample is `{key}.safetensors` holding the VAE
+posterior moments (`mean`, `logvar`; `mean_flip`, `logvar_flip` when `random_flip`),
+`input_ids` and, with `cache.text_embeddings`, `encoder_hidden_states`; plus
+`{key}.json` (caption, original size, crop). Training draws mean + std·ε with a
+fresh ε every step, as the recipe's `latent_dist.sample()` does.
+
+A latent shard is named by its input shard and its cache key (the input shard's
+sha256, the weights' hashes and every transform setting), is committed atomically
+with a `.json` receipt, and is never encoded twice: an unchanged key is skipped, a
+crashed run continues with the shards it had not finished. Work divides by shard
+(`worker_index` of `num_workers`, or the processes of an Accelerate/torchrun launch);
+each worker writes a part file and one merge writes `manifest.json`.
 """
 
 from __future__ import annotations
 
-import io
 import json
-import shutil
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from tqdm import tqdm
 
+from components.cache_latents.encode import LatentEncoder, check_sha
 from components.common.config import CacheConfig
 from components.common.errors import T2IError
-from components.common.io import atomic_dir, sha256_file, sha256_json, write_json_atomic
-from components.common.models import default_device, load_tokenizer, load_vae, weights_sha256
+from components.common.io import sha256_file, sha256_json, write_json_atomic
 from components.common.shards import read_shard, write_shard
 from components.pack_shards import read_manifest
 
 MANIFEST = "manifest.json"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+RECEIPT = ".json"  # suffix of the receipt beside each latent shard
 
 
 @dataclass
@@ -37,147 +42,174 @@ class CacheReport:
     samples: int
     shards_encoded: int
     shards_reused: int
+    images_per_s: float = 0.0
 
     def summary(self) -> str:
+        rate = f" at {self.images_per_s:.1f} img/s" if self.shards_encoded else ""
         return (
-            f"cached {self.samples} samples: {self.shards_encoded} shards encoded, "
+            f"cached {self.samples} samples: {self.shards_encoded} shards encoded{rate}, "
             f"{self.shards_reused} unchanged"
         )
 
 
-def run(cfg: CacheConfig, shards: Path, model: Path, out: Path) -> CacheReport:
-    """Encode every shard listed in `shards`/manifest.json with the VAE of `model`.
+def run(
+    cfg: CacheConfig,
+    shards: Path,
+    model: Path,
+    out: Path,
+    worker_index: int | None = None,
+    num_workers: int | None = None,
+) -> CacheReport:
+    """Encode the shards listed in `shards`/manifest.json that this worker owns.
 
-    Writes `out` atomically. Raises T2IError for a missing manifest/model, a shard
-    whose checksum does not match, or a sample that cannot be encoded.
+    Alone (the default), every shard is encoded and the manifest written. With
+    `worker_index`/`num_workers`, only shard i, i+n, ... and a part file; `merge`
+    writes the manifest once all parts exist. Under `accelerate launch`/`torchrun`
+    (WORLD_SIZE > 1) each process takes its rank's shards on its own device and
+    the main process merges. Raises T2IError for a missing manifest or model, a
+    shard whose checksum does not match, or samples that cannot be encoded (named
+    by key, after every other shard is committed).
     """
-    shards, out = Path(shards), Path(out)
+    state = None
+    if worker_index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        state = PartialState()
+        worker_index, num_workers = state.process_index, state.num_processes
+    index, count = worker_index or 0, num_workers or 1
+    if not 0 <= index < count:
+        raise T2IError(f"--worker-index {index} is not in 0..{count - 1}")
+    device = str(state.device) if state is not None else None
+    report = encode_part(cfg, Path(shards), Path(model), Path(out), index, count, device)
+    if state is not None:
+        state.wait_for_everyone()
+        if state.is_main_process:
+            merge(Path(shards), Path(out))
+        state.wait_for_everyone()
+    elif num_workers is None:
+        merge(Path(shards), Path(out), count=1)
+    return report
+
+
+def encode_part(
+    cfg: CacheConfig, shards: Path, model: Path, out: Path, index: int, count: int, device=None
+) -> CacheReport:
+    """Encode this worker's shards (skipping committed ones) and write its part file."""
     packed = read_manifest(shards)
-    vae, tokenizer = load_vae(model).eval().to(default_device()), load_tokenizer(model)
-    model_key = {
-        "vae": weights_sha256(model, "vae"),
-        "tokenizer": weights_sha256(model, "tokenizer"),
-        "scaling_factor": vae.config.scaling_factor,
+    encoder = LatentEncoder(model, cfg, device)
+    jobs = [_job(shard, encoder.model_key) for shard in packed["shards"]][index::count]
+    out.mkdir(parents=True, exist_ok=True)
+    todo = [j for j in jobs if not _committed(out, j)]
+    total = sum(j["samples"] for j in todo)
+    failed: list[str] = []
+    started = time.perf_counter()
+    with tqdm(total=total, desc=f"cache {index + 1}/{count}", unit="img", disable=not todo) as bar:
+        for job in todo:
+            failed += _encode_job(job, encoder, shards, out, bar)
+    rate = total / max(time.perf_counter() - started, 1e-9)
+    if failed:
+        raise T2IError(
+            f"{len(failed)} samples could not be decoded for encoding (keys: "
+            f"{', '.join(failed[:10])}{' ...' if len(failed) > 10 else ''}); "
+            "their shards were not cached, re-pack the data"
+        )
+    part = {
+        "packed": _packed_fingerprint(packed),
+        "model": encoder.model_key,
+        "latent_shape": encoder.latent_shape,
+        "vae_scaling_factor": encoder.vae.config.scaling_factor,
+        "cache_config": cfg.model_dump(),
+        "entries": [_entry(out, j) for j in jobs],
     }
-    previous = _previous_entries(out)
-    entries, encoded = [], 0
-    total = sum(s["samples"] for s in packed["shards"])
-    with atomic_dir(out) as tmp, tqdm(total=total, desc="cache", unit="img") as bar:
-        for shard in packed["shards"]:
-            key = sha256_json({"shard": shard["sha256"], "config": cfg.model_dump(), **model_key})
-            name = shard["name"]
-            old = previous.get(name)
-            if old and old["key"] == key and sha256_file(out / name) == old["sha256"]:
-                shutil.copy2(out / name, tmp / name)
-                bar.update(shard["samples"])
-            else:
-                _check_sha(shards / name, shard["sha256"])
-                records = encode_shard(shards / name, vae, tokenizer, cfg, bar)
-                if len(records) != shard["samples"]:
-                    raise T2IError(
-                        f"{shards / name}: {len(records)} samples, manifest says {shard['samples']}"
-                    )
-                write_shard(tmp / name, records)
-                encoded += 1
-            entries.append(
-                {
-                    **shard,
-                    "key": key,
-                    "sha256": sha256_file(tmp / name),
-                    "source_sha256": shard["sha256"],
-                }
-            )
-        latent_side = cfg.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
-        write_json_atomic(
-            tmp / MANIFEST,
-            {
-                "shards": entries,
-                "samples": packed["samples"],
-                "cache_config": cfg.model_dump(),
-                "resolution": cfg.resolution,
-                "latent_shape": [vae.config.latent_channels, latent_side, latent_side],
-                "vae_scaling_factor": vae.config.scaling_factor,
-                "model": model_key,
-            },
+    write_json_atomic(out / f"part-{index:04d}-of-{count:04d}.json", part)
+    return CacheReport(sum(j["samples"] for j in jobs), len(todo), len(jobs) - len(todo), rate)
+
+
+def merge(shards: Path, out: Path, count: int | None = None) -> dict:
+    """Write `manifest.json` from the `count` workers' part files (default: as many as
+    the newest part names); delete every file the manifest does not list.
+
+    T2IError when a part is missing or was made from other shards or another model.
+    """
+    packed = read_manifest(shards)
+    if count is None:
+        parts = sorted(out.glob("part-*-of-*.json"), key=lambda p: p.stat().st_mtime_ns)
+        if not parts:
+            raise T2IError(f"{out}: no part files; run `t2i cache` (each worker) first")
+        count = int(parts[-1].stem.rsplit("-", 1)[-1])
+    loaded = []
+    for i in range(count):
+        path = out / f"part-{i:04d}-of-{count:04d}.json"
+        if not path.is_file():
+            raise T2IError(f"{path}: missing; worker {i} of {count} has not finished")
+        loaded.append(json.loads(path.read_text()))
+    if any(p["packed"] != _packed_fingerprint(packed) for p in loaded):
+        raise T2IError(f"{out}: parts were made from other shards; re-run every worker")
+    if any(p["model"] != loaded[0]["model"] for p in loaded):
+        raise T2IError(f"{out}: parts were made with different models or settings")
+    entries = {e["source_name"]: e for p in loaded for e in p["entries"]}
+    manifest = {
+        "shards": [entries[s["name"]] for s in packed["shards"]],
+        "samples": packed["samples"],
+        "cache_config": loaded[0]["cache_config"],
+        "resolution": loaded[0]["cache_config"]["resolution"],
+        "latent_shape": loaded[0]["latent_shape"],
+        "vae_scaling_factor": loaded[0]["vae_scaling_factor"],
+        "model": loaded[0]["model"],
+    }
+    write_json_atomic(out / MANIFEST, manifest)
+    listed = {MANIFEST} | {e["name"] for e in manifest["shards"]}
+    listed |= {e["name"] + RECEIPT for e in manifest["shards"]}
+    for path in out.iterdir():
+        if path.is_file() and path.name not in listed:
+            path.unlink()
+    return manifest
+
+
+def _job(shard: dict, model_key: dict) -> dict:
+    key = sha256_json({"shard": shard["sha256"], **model_key})
+    return {**shard, "key": key, "file": f"{Path(shard['name']).stem}.{key[:16]}.tar"}
+
+
+def _committed(out: Path, job: dict) -> bool:
+    """The shard exists, with a receipt for this key whose sha256 still matches."""
+    try:
+        receipt = json.loads((out / (job["file"] + RECEIPT)).read_text())
+        return receipt["key"] == job["key"] and sha256_file(out / job["file"]) == receipt["sha256"]
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _encode_job(job: dict, encoder: LatentEncoder, shards: Path, out: Path, bar) -> list[str]:
+    check_sha(shards / job["name"], job["sha256"])
+    records, failed = encoder.encode_shard(shards / job["name"], bar)
+    if failed:
+        return failed
+    if len(records) != job["samples"]:
+        raise T2IError(
+            f"{shards / job['name']}: {len(records)} samples, manifest says {job['samples']}"
         )
-    return CacheReport(sum(e["samples"] for e in entries), encoded, len(entries) - encoded)
+    write_shard(out / job["file"], records)
+    receipt = {"key": job["key"], "sha256": sha256_file(out / job["file"])}
+    write_json_atomic(out / (job["file"] + RECEIPT), receipt)
+    return []
 
 
-def encode_shard(path: Path, vae, tokenizer, cfg: CacheConfig, bar) -> list[dict[str, bytes]]:
-    """Moments + token ids for every sample of one packed shard, in shard order."""
-    samples = list(read_shard(path))
-    records = []
-    for start in range(0, len(samples), cfg.batch_size):
-        batch = samples[start : start + cfg.batch_size]
-        pixels, metas = [], []
-        for sample in batch:
-            try:
-                image = _decode(sample)
-            except (OSError, ValueError) as e:
-                raise T2IError(
-                    f"{path}: sample {sample['__key__']} cannot be decoded ({e})"
-                ) from None
-            tensor, crop = preprocess(image, cfg, sample["__key__"])
-            pixels.append(tensor)
-            caption = sample["txt"].decode("utf-8")
-            metas.append(
-                {
-                    "caption": caption,
-                    "original_size": [image.height, image.width],
-                    "crop_coords_top_left": list(crop),
-                }
-            )
-        moments = encode_moments(vae, torch.stack(pixels), cfg.random_flip)
-        ids = tokenizer(
-            [m["caption"] for m in metas],
-            padding="max_length",
-            truncation=True,
-            max_length=tokenizer.model_max_length,
-            return_tensors="pt",
-        ).input_ids
-        for i, (sample, meta) in enumerate(zip(batch, metas, strict=True)):
-            tensors = {k: v[i].to(DTYPES[cfg.dtype]).contiguous() for k, v in moments.items()}
-            tensors["input_ids"] = ids[i].to(torch.int32).contiguous()
-            records.append(
-                {
-                    "__key__": sample["__key__"],
-                    "safetensors": st_save(tensors),
-                    "json": json.dumps(meta, sort_keys=True).encode(),
-                }
-            )
-        bar.update(len(batch))
-    return records
+def _entry(out: Path, job: dict) -> dict:
+    receipt = json.loads((out / (job["file"] + RECEIPT)).read_text())
+    return {
+        "name": job["file"],
+        "source_name": job["name"],
+        "source_sha256": job["sha256"],
+        "split": job["split"],
+        "samples": job["samples"],
+        "key": job["key"],
+        "sha256": receipt["sha256"],
+    }
 
 
-def preprocess(image: Image.Image, cfg: CacheConfig, key: str) -> tuple[torch.Tensor, tuple]:
-    """The recipe's transforms: shortest side to `resolution` (bilinear), center or
-    seeded random crop, to [-1, 1]. Returns the CHW tensor and the crop's (top, left)."""
-    r = cfg.resolution
-    scale = r / min(image.size)
-    w, h = max(r, round(image.width * scale)), max(r, round(image.height * scale))
-    image = image.resize((w, h), Image.BILINEAR)
-    if cfg.center_crop:
-        top, left = int(round((h - r) / 2.0)), int(round((w - r) / 2.0))
-    else:
-        rng = np.random.default_rng([cfg.seed, int(key[:15], 16)])
-        top, left = int(rng.integers(0, h - r + 1)), int(rng.integers(0, w - r + 1))
-    image = image.crop((left, top, left + r, top + r))
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous(), (top, left)
-
-
-@torch.inference_mode()
-def encode_moments(vae, pixels: torch.Tensor, flip: bool) -> dict[str, torch.Tensor]:
-    """VAE posterior mean and logvar (and those of the mirrored images when `flip`)."""
-    out = {}
-    views = {"": pixels, "_flip": torch.flip(pixels, dims=[3])} if flip else {"": pixels}
-    for suffix, view in views.items():
-        dist = vae.encode(view.to(vae.device, vae.dtype)).latent_dist
-        out["mean" + suffix], out["logvar" + suffix] = (
-            dist.mean.float().cpu(),
-            dist.logvar.float().cpu(),
-        )
-    return out
+def _packed_fingerprint(packed: dict) -> str:
+    return sha256_json([(s["name"], s["sha256"]) for s in packed["shards"]])
 
 
 def read_latent_manifest(latents: Path) -> dict:
@@ -188,38 +220,25 @@ def read_latent_manifest(latents: Path) -> dict:
         raise T2IError(f"{path}: missing; run `t2i cache` first") from None
 
 
-def load_split(latents: Path, split: str) -> list[dict[str, torch.Tensor]]:
-    """Every cached sample of `split`, after verifying each shard's sha256."""
+def verify(latents: Path, split: str | None = None) -> dict:
+    """Check every listed shard's sha256 (of `split`, or all); returns the manifest."""
     manifest = read_latent_manifest(latents)
+    for shard in manifest["shards"]:
+        if split is None or shard["split"] == split:
+            check_sha(Path(latents) / shard["name"], shard["sha256"])
+    return manifest
+
+
+def load_split(latents: Path, split: str) -> list[dict[str, torch.Tensor]]:
+    """Every cached sample of `split` (fp32 / int64), after verifying each shard's sha256."""
+    manifest = verify(latents, split)
     samples = []
     for shard in manifest["shards"]:
         if shard["split"] != split:
             continue
-        path = Path(latents) / shard["name"]
-        _check_sha(path, shard["sha256"])
-        for record in read_shard(path):
+        for record in read_shard(Path(latents) / shard["name"]):
             tensors = st_load(record["safetensors"])
             samples.append(
                 {k: v.float() if v.is_floating_point() else v.long() for k, v in tensors.items()}
             )
     return samples
-
-
-def _decode(sample: dict[str, bytes]) -> Image.Image:
-    data = next(v for k, v in sample.items() if k in ("png", "jpg", "webp"))
-    with Image.open(io.BytesIO(data)) as img:
-        return img.convert("RGB")
-
-
-def _check_sha(path: Path, expected: str) -> None:
-    if not path.is_file():
-        raise T2IError(f"{path}: shard missing; re-run the stage that writes it")
-    if sha256_file(path) != expected:
-        raise T2IError(f"{path}: sha256 does not match the manifest (corrupt or changed shard)")
-
-
-def _previous_entries(out: Path) -> dict[str, dict]:
-    try:
-        return {s["name"]: s for s in json.loads((out / MANIFEST).read_text())["shards"]}
-    except (FileNotFoundError, KeyError, json.JSONDecodeError):
-        return {}

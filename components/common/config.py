@@ -61,8 +61,18 @@ class CacheConfig(Section):
     resolution: int = Field(32, ge=8)
     center_crop: bool = True
     random_flip: bool = False
+    # The recipe's --image_interpolation_mode (its default is lanczos).
+    image_interpolation_mode: Literal[
+        "nearest", "bilinear", "bicubic", "box", "hamming", "lanczos"
+    ] = "lanczos"
     batch_size: int = Field(32, ge=1)
+    # What is stored; the VAE itself runs in vae_dtype (auto: bf16 on CUDA, fp32 on CPU).
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    vae_dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    vae_slicing: bool = False
+    vae_tiling: bool = False
+    # Also cache the text encoder's last hidden state (the recipe's encoder_hidden_states).
+    text_embeddings: bool = False
     seed: int = 0
 
     @field_validator("resolution")

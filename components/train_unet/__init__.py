@@ -88,7 +88,9 @@ class LatentBatches:
                 for i, f in zip(chosen, flips, strict=True)
             ]
             batch[name] = torch.stack(rows)
-        batch["input_ids"] = torch.stack([self.samples[i]["input_ids"] for i in chosen])
+        for name in ("input_ids", "encoder_hidden_states"):
+            if name in self.samples[0]:  # hidden states: when `cache.text_embeddings`
+                batch[name] = torch.stack([self.samples[i][name] for i in chosen])
         return {k: v[mine] for k, v in batch.items()}, _DrawsForRank(draws, mine)
 
     @staticmethod
@@ -127,8 +129,12 @@ def training_loss(
 
     latents = (mean + torch.exp(0.5 * logvar) * eps) * scaling_factor
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-    with torch.no_grad():
-        encoder_hidden_states = text_encoder(batch["input_ids"].to(device), return_dict=False)[0]
+    if "encoder_hidden_states" in batch:  # cached by `t2i cache` (text encoder is frozen)
+        encoder_hidden_states = batch["encoder_hidden_states"].to(device, latents.dtype)
+    else:
+        with torch.no_grad():
+            ids = batch["input_ids"].to(device)
+            encoder_hidden_states = text_encoder(ids, return_dict=False)[0]
     if noise_scheduler.config.prediction_type == "epsilon":
         target = noise
     else:

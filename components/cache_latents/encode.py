@@ -1,0 +1,197 @@
+"""Encoding one packed shard: the recipe's image transforms, VAE moments, text ids.
+
+`LatentEncoder` holds the frozen models and knows the content key of its work: the
+hashes of the weights it uses and every setting that changes what is stored.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import save as st_save
+
+from components.common.config import CacheConfig
+from components.common.errors import T2IError
+from components.common.models import (
+    default_device,
+    load_text_encoder,
+    load_tokenizer,
+    load_vae,
+    weights_sha256,
+)
+from components.common.shards import read_shard
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+INTERPOLATION = {
+    "nearest": Image.NEAREST,
+    "bilinear": Image.BILINEAR,
+    "bicubic": Image.BICUBIC,
+    "box": Image.BOX,
+    "hamming": Image.HAMMING,
+    "lanczos": Image.LANCZOS,
+}
+
+
+def vae_compute_dtype(cfg: CacheConfig, device: str, force_upcast: bool) -> torch.dtype:
+    """The VAE's dtype: `auto` is bf16 on CUDA and fp32 elsewhere; fp16 becomes fp32
+    when the VAE config says `force_upcast` (its activations overflow in fp16)."""
+    name = cfg.vae_dtype
+    if name == "auto":
+        name = "bf16" if device.startswith("cuda") else "fp32"
+    if name == "fp16" and force_upcast:
+        name = "fp32"
+    return DTYPES[name]
+
+
+class LatentEncoder:
+    """Frozen VAE (+ tokenizer, + text encoder when `cache.text_embeddings`)."""
+
+    def __init__(self, model: Path, cfg: CacheConfig, device: str | None = None):
+        self.cfg, self.device = cfg, device or default_device()
+        vae = load_vae(model).eval()
+        self.dtype = vae_compute_dtype(cfg, self.device, vae.config.get("force_upcast", False))
+        self.vae = vae.to(self.device, self.dtype)
+        if cfg.vae_slicing:
+            self.vae.enable_slicing()
+        if cfg.vae_tiling:
+            self.vae.enable_tiling()
+        self.tokenizer = load_tokenizer(model)
+        self.text_encoder = None
+        if cfg.text_embeddings:
+            self.text_encoder = load_text_encoder(model).eval().to(self.device, self.dtype)
+        self.model_key = model_key(model, cfg, self.vae.config, self.dtype)
+
+    @property
+    def latent_shape(self) -> list[int]:
+        side = self.cfg.resolution // (2 ** (len(self.vae.config.block_out_channels) - 1))
+        return [self.vae.config.latent_channels, side, side]
+
+    def encode_shard(self, path: Path, bar) -> tuple[list[dict[str, bytes]], list[str]]:
+        """(records, failed keys) for every sample of one packed shard, in shard order."""
+        samples = list(read_shard(path))
+        records, failed = [], []
+        threads = ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)))
+        with threads:
+            for start in range(0, len(samples), self.cfg.batch_size):
+                batch = samples[start : start + self.cfg.batch_size]
+                prepared = list(threads.map(self._prepare, batch))
+                good = [(s, p) for s, p in zip(batch, prepared, strict=True) if p is not None]
+                failed += [s["__key__"] for s, p in zip(batch, prepared, strict=True) if p is None]
+                if good:
+                    records += self._encode_batch(good)
+                bar.update(len(batch))
+        return records, failed
+
+    def _prepare(self, sample: dict[str, bytes]):
+        try:
+            image = decode_record(sample)
+            pixels, crop = preprocess(image, self.cfg, sample["__key__"])
+        except (OSError, ValueError, StopIteration, UnicodeDecodeError):
+            return None
+        caption = sample.get("txt", b"").decode("utf-8")
+        meta = {
+            "caption": caption,
+            "original_size": [image.height, image.width],
+            "crop_coords_top_left": list(crop),
+        }
+        return pixels, meta
+
+    @torch.inference_mode()
+    def _encode_batch(self, good: list) -> list[dict[str, bytes]]:
+        pixels = torch.stack([p for _, (p, _) in good])
+        metas = [m for _, (_, m) in good]
+        moments = encode_moments(self.vae, pixels, self.cfg.random_flip)
+        ids = self.tokenizer(
+            [m["caption"] for m in metas],
+            padding="max_length",
+            truncation=True,
+            max_length=self.tokenizer.model_max_length,
+            return_tensors="pt",
+        ).input_ids
+        if self.text_encoder is not None:
+            hidden = self.text_encoder(ids.to(self.device), return_dict=False)[0]
+            moments["encoder_hidden_states"] = hidden.float().cpu()
+        store = DTYPES[self.cfg.dtype]
+        records = []
+        for i, ((sample, _), meta) in enumerate(zip(good, metas, strict=True)):
+            tensors = {k: v[i].to(store).contiguous() for k, v in moments.items()}
+            tensors["input_ids"] = ids[i].to(torch.int32).contiguous()
+            records.append(
+                {
+                    "__key__": sample["__key__"],
+                    "safetensors": st_save(tensors),
+                    "json": json.dumps(meta, sort_keys=True, ensure_ascii=False).encode(),
+                }
+            )
+        return records
+
+
+def model_key(model: Path, cfg: CacheConfig, vae_config, dtype: torch.dtype) -> dict:
+    """Everything besides the input shard that changes what is cached."""
+    key = {
+        "vae": weights_sha256(model, "vae"),
+        "tokenizer": weights_sha256(model, "tokenizer"),
+        "scaling_factor": vae_config.scaling_factor,
+        "resolution": cfg.resolution,
+        "crop": "center" if cfg.center_crop else f"random:{cfg.seed}",
+        "random_flip": cfg.random_flip,
+        "interpolation": cfg.image_interpolation_mode,
+        "dtype": cfg.dtype,
+        "vae_dtype": str(dtype),
+    }
+    if cfg.text_embeddings:
+        key["text_encoder"] = weights_sha256(model, "text_encoder")
+    return key
+
+
+def decode_record(sample: dict[str, bytes]) -> Image.Image:
+    """The RGB image of a packed record (pack wrote it, so it is already RGB)."""
+    data = next(v for k, v in sample.items() if k in ("png", "jpg", "webp"))
+    with Image.open(io.BytesIO(data)) as img:
+        return img.convert("RGB")
+
+
+def preprocess(image: Image.Image, cfg: CacheConfig, key: str) -> tuple[torch.Tensor, tuple]:
+    """The recipe's transforms: shortest side to `resolution` (`image_interpolation_mode`),
+    center or seeded random crop, to [-1, 1]. Returns the CHW tensor and (top, left)."""
+    r = cfg.resolution
+    scale = r / min(image.size)
+    w, h = max(r, round(image.width * scale)), max(r, round(image.height * scale))
+    image = image.resize((w, h), INTERPOLATION[cfg.image_interpolation_mode])
+    if cfg.center_crop:
+        top, left = int(round((h - r) / 2.0)), int(round((w - r) / 2.0))
+    else:
+        rng = np.random.default_rng([cfg.seed, int(key[:15], 16)])
+        top, left = int(rng.integers(0, h - r + 1)), int(rng.integers(0, w - r + 1))
+    image = image.crop((left, top, left + r, top + r))
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous(), (top, left)
+
+
+@torch.inference_mode()
+def encode_moments(vae, pixels: torch.Tensor, flip: bool) -> dict[str, torch.Tensor]:
+    """VAE posterior mean and logvar (and those of the mirrored images when `flip`)."""
+    out = {}
+    views = {"": pixels, "_flip": torch.flip(pixels, dims=[3])} if flip else {"": pixels}
+    for suffix, view in views.items():
+        dist = vae.encode(view.to(vae.device, vae.dtype)).latent_dist
+        out["mean" + suffix] = dist.mean.float().cpu()
+        out["logvar" + suffix] = dist.logvar.float().cpu()
+    return out
+
+
+def check_sha(path: Path, expected: str) -> None:
+    """T2IError naming the shard when it is missing or its bytes changed."""
+    from components.common.io import sha256_file
+
+    if not path.is_file():
+        raise T2IError(f"{path}: shard missing; re-run the stage that writes it")
+    if sha256_file(path) != expected:
+        raise T2IError(f"{path}: sha256 does not match the manifest (corrupt or changed shard)")
