@@ -439,3 +439,22 @@ def test_sigkill_mid_pack_leaves_the_previous_output(tmp_path):
     listed = {s["name"] for s in manifest["shards"]}
     assert {p.name for p in out.glob("*.tar")} == listed  # orphans cleaned up
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_shard_bytes_are_exactly_tarfiles(tmp_path):
+    samples = [
+        {"__key__": f"{i:016x}", "png": bytes([i]) * (i * 700), "txt": b"x" * i, "json": b"{}"}
+        for i in range(12)
+    ]
+    samples.append({"__key__": "ünï cödé", "txt": b"a non-ASCII name"})
+    with tarfile.open(tmp_path / "ref.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        for sample in samples:
+            for ext in sorted(k for k in sample if k != "__key__"):
+                info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
+                info.size, info.mtime, info.mode = len(sample[ext]), 0, 0o644
+                tar.addfile(info, io.BytesIO(sample[ext]))
+    write_shard(tmp_path / "ours.tar", samples)
+    assert (tmp_path / "ours.tar").read_bytes() == (tmp_path / "ref.tar").read_bytes()
+    assert [r["__key__"] for r in read_shard(tmp_path / "ours.tar")] == [
+        s["__key__"] for s in samples
+    ]

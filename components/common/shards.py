@@ -6,7 +6,6 @@ samples always give the same bytes, hence the same sha256 in the manifest.
 
 from __future__ import annotations
 
-import io
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,15 +15,57 @@ from components.common.io import atomic_path
 
 
 def write_shard(path: Path, samples: list[dict[str, bytes]]) -> None:
-    """Write samples (each: {"__key__": str, ext: bytes, ...}) as a tar, atomically."""
-    with atomic_path(path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+    """Write samples (each: {"__key__": str, ext: bytes, ...}) as a tar, atomically.
+
+    The bytes are those of `tarfile` in USTAR format with the fixed metadata above;
+    headers are built directly because `tarfile` spends more time on them than on
+    the data (it was the largest serial cost of `t2i pack`).
+    """
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        written = 0
         for sample in samples:
             key = sample["__key__"]
             for ext in sorted(k for k in sample if k != "__key__"):
                 data = sample[ext]
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size, info.mtime, info.mode = len(data), 0, 0o644
-                tar.addfile(info, io.BytesIO(data))
+                header = _ustar_header(f"{key}.{ext}", len(data))
+                f.write(header)
+                f.write(data)
+                padding = -len(data) % BLOCK
+                f.write(b"\0" * padding)
+                written += len(header) + len(data) + padding
+        end = written + 2 * BLOCK
+        f.write(b"\0" * (2 * BLOCK + -end % tarfile.RECORDSIZE))
+
+
+BLOCK = tarfile.BLOCKSIZE
+
+
+def _ustar_header(name: str, size: int) -> bytes:
+    """The 512-byte USTAR header `tarfile` writes for a regular file (mode 0644, uid,
+    gid and mtime 0, no user or group names)."""
+    raw = name.encode("utf-8")
+    if len(raw) > 100 or not name.isascii():
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = size, 0, 0o644
+        return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+    parts = [
+        raw.ljust(100, b"\0"),
+        b"0000644\0",
+        b"0000000\0",
+        b"0000000\0",
+        b"%011o\0" % size,
+        b"00000000000\0",
+        b" " * 8,  # the checksum, counted as spaces
+        b"0",
+        b"\0" * 100,
+        b"ustar\x0000",
+        b"\0" * 64,
+        b"\0" * 16,  # devmajor, devminor: empty for regular files
+        b"\0" * 155,
+    ]
+    header = b"".join(parts).ljust(BLOCK, b"\0")
+    checksum = b"%06o\0 " % sum(header)
+    return header[:148] + checksum + header[156:]
 
 
 def read_shard(path: Path) -> Iterator[dict[str, bytes]]:

@@ -30,7 +30,14 @@ from components.common.errors import T2IError
 from components.common.io import sha256_file, write_bytes_atomic
 from components.common.shards import write_shard
 from components.pack_shards.decode import Packed, pack_sample
-from components.pack_shards.plan import Plan, PreviousPack, fingerprints, plan_pack
+from components.pack_shards.plan import (
+    Plan,
+    PreviousPack,
+    fingerprint,
+    fingerprints,
+    plan_pack,
+    read_image_bytes,
+)
 from components.pack_shards.sources import Sample, list_samples
 
 MANIFEST = "manifest.json"
@@ -71,11 +78,15 @@ def run(data: DataConfig, cfg: PackConfig, source: Path, out: Path) -> PackRepor
     """
     out = Path(out)
     fmt, samples = list_samples(Path(source), data)
-    fps = fingerprints(samples)
     previous = PreviousPack.load(out, cfg, fmt)
-    todo = previous.todo(samples, fps)
+    # Nothing to compare with: every sample is processed and the workers, which read
+    # the bytes anyway, fingerprint them. Otherwise fingerprints decide what to redo.
+    fps = {} if previous.empty else fingerprints(samples)
+    todo = samples if previous.empty else previous.todo(samples, fps)
     started = time.perf_counter()
-    fresh = dict(zip((s.key for s in todo), process(todo, cfg), strict=True))
+    fresh = {}
+    for sample, (fp, result) in zip(todo, process(todo, cfg), strict=True):
+        fps[sample.key], fresh[sample.key] = fp, result
     rate = len(todo) / max(time.perf_counter() - started, 1e-9)
     plan = plan_pack(samples, fps, previous, fresh, cfg)
 
@@ -103,20 +114,21 @@ def run(data: DataConfig, cfg: PackConfig, source: Path, out: Path) -> PackRepor
     )
 
 
-def process(todo: list[Sample], cfg: PackConfig) -> Iterator[Packed | str]:
-    """Decode and re-encode `todo` in worker processes, in order, with a progress bar."""
+def process(todo: list[Sample], cfg: PackConfig) -> Iterator[tuple[str, Packed | str]]:
+    """(fingerprint, record or rejection) for each of `todo`, in order, computed in
+    worker processes, with a progress bar."""
     from tqdm import tqdm
 
     workers = cfg.num_workers or os.cpu_count() or 1
     workers = min(workers, max(1, len(todo) // 8))
     bar = tqdm(total=len(todo), desc="pack", unit="img", disable=not todo)
-    args = [(s, cfg) for s in todo]
     if workers <= 1:
-        results = (pack_sample(*a) for a in args)
+        results = (fingerprint_and_pack(s, cfg) for s in todo)
         pool = None
-    else:
-        pool = multiprocessing.get_context().Pool(workers)
-        results = pool.imap(_pack_star, args, chunksize=max(1, min(16, len(todo) // workers // 4)))
+    else:  # the config travels once per worker, not with every sample
+        pool = multiprocessing.get_context().Pool(workers, _init_worker, (cfg,))
+        chunk = max(1, min(16, len(todo) // workers // 4))
+        results = pool.imap(_pack_in_worker, todo, chunksize=chunk)
     try:
         for result in results:
             bar.update(1)
@@ -127,8 +139,21 @@ def process(todo: list[Sample], cfg: PackConfig) -> Iterator[Packed | str]:
             pool.terminate()
 
 
-def _pack_star(args: tuple[Sample, PackConfig]) -> Packed | str:
-    return pack_sample(*args)
+_WORKER_CFG: PackConfig | None = None
+
+
+def _init_worker(cfg: PackConfig) -> None:
+    global _WORKER_CFG
+    _WORKER_CFG = cfg
+
+
+def _pack_in_worker(sample: Sample) -> tuple[str, Packed | str]:
+    return fingerprint_and_pack(sample, _WORKER_CFG)
+
+
+def fingerprint_and_pack(sample: Sample, cfg: PackConfig) -> tuple[str, Packed | str]:
+    data = read_image_bytes(sample)  # read once, for both
+    return fingerprint(sample, data), pack_sample(sample, cfg, data)
 
 
 def write_plan(plan: Plan, previous: PreviousPack, fresh: dict, out: Path) -> dict[str, dict]:

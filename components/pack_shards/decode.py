@@ -35,23 +35,31 @@ class Packed:
     pixels_sha256: str
 
 
-def pack_sample(sample: Sample, cfg: PackConfig) -> Packed | str:
-    """The shard record for `sample`, or the reason it is rejected (never raises)."""
+def pack_sample(
+    sample: Sample, cfg: PackConfig, data: bytes | OSError | None = None
+) -> Packed | str:
+    """The shard record for `sample`, or the reason it is rejected (never raises).
+
+    `data`: the image bytes when the caller has read them already (or the read error).
+    """
     try:
-        return _pack(sample, cfg)
+        return _pack(sample, cfg, data)
     except Rejected as why:
         return str(why)
     except Exception as e:  # a decoder bug must cost one sample, not the run
         return f"undecodable: {type(e).__name__}: {e}"
 
 
-def _pack(sample: Sample, cfg: PackConfig) -> Packed:
+def _pack(sample: Sample, cfg: PackConfig, data: bytes | OSError | None) -> Packed:
     if sample.problem:
         raise Rejected(sample.problem)
     if sample.blob is None:
         raise Rejected("missing_file")
     caption = clean_caption(sample, cfg)
-    data = sample.blob.read()
+    if data is None:
+        data = sample.blob.read()
+    if isinstance(data, OSError):
+        raise Rejected(f"undecodable: unreadable file ({data})")
     if not data:
         raise Rejected("undecodable: empty file")
     image, info = decode_image(data, cfg)

@@ -34,20 +34,34 @@ def split_of(key: str, val_fraction: float) -> str:
     return "val" if h < val_fraction else "train"
 
 
+def read_image_bytes(sample: Sample) -> bytes | OSError | None:
+    """The sample's image bytes; the error when they cannot be read; None if no image."""
+    try:
+        return sample.blob.read() if sample.blob else None
+    except OSError as e:
+        return e
+
+
+def fingerprint(sample: Sample, data: bytes | OSError | None) -> str:
+    """Hash of the image bytes, the raw caption and any listing problem."""
+    blob = None
+    if isinstance(data, OSError):
+        blob = "unreadable"
+    elif data is not None:
+        blob = hashlib.sha256(data).hexdigest()
+    caption = sample.caption
+    if isinstance(caption, bytes):
+        caption = "b:" + caption.hex()
+    elif caption is not None:
+        caption = "s:" + str(caption)
+    return sha256_json([blob, caption, sample.problem])[:32]
+
+
 def fingerprints(samples: list[Sample]) -> dict[str, str]:
-    """{key: hash of the image bytes, the raw caption and any listing problem}."""
+    """{key: fingerprint} of every sample (files are read in threads)."""
 
     def one(sample: Sample) -> tuple[str, str]:
-        try:
-            blob = hashlib.sha256(sample.blob.read()).hexdigest() if sample.blob else None
-        except OSError:
-            blob = "unreadable"
-        caption = sample.caption
-        if isinstance(caption, bytes):
-            caption = "b:" + caption.hex()
-        elif caption is not None:
-            caption = "s:" + str(caption)
-        return sample.key, sha256_json([blob, caption, sample.problem])[:32]
+        return sample.key, fingerprint(sample, read_image_bytes(sample))
 
     with ThreadPoolExecutor(8) as pool:  # hashlib and file reads release the GIL
         return dict(pool.map(one, samples))
@@ -63,6 +77,10 @@ class PreviousPack:
     shard_members: dict[str, list[dict]] = field(default_factory=dict)  # name -> members
     rejected: dict[str, dict] = field(default_factory=dict)  # key -> rejected.jsonl entry
     next_serial: int = 0
+
+    @property
+    def empty(self) -> bool:
+        return not self.members and not self.rejected
 
     @classmethod
     def load(cls, out: Path, cfg: PackConfig, fmt: str) -> PreviousPack:
