@@ -1,7 +1,7 @@
 """Training-step benchmark: our step on cached latents vs the upstream recipe's step.
 
 (a) ours: latents drawn from cached VAE moments + text encoder + UNet fwd/bwd + AdamW
-    (the very `training_loss` that `t2i train` runs);
+    (the very `training_loss`, random draws and fused AdamW that `t2i train` runs);
 (b) upstream `train_text_to_image.py` per-step work: VAE encode of the pixels + text
     encoder + the same UNet step.
 Same models (random init), same batch, same run. Prints one JSON line per variant and
@@ -10,7 +10,10 @@ a table; `--json FILE` writes them all.
     python bench/train_step.py --model tiny --resolution 128            # CPU
     python bench/train_step.py --model mini --resolution 128            # CPU
     python bench/train_step.py --model sd15 --device cuda --dtype bf16 --batch 8 16 32 \
-        --variants base upstream xformers channels_last fused_adam grad_ckpt compile
+        --variants base upstream plain_adam xformers channels_last grad_ckpt compile
+
+Variants other than `upstream` are ours with one change: `plain_adam` uses the
+recipe's (unfused) AdamW; the others add one switch.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from components.train_unet import _DrawsForRank, training_loss  # noqa: E402
+from components.common.config import TrainConfig  # noqa: E402
+from components.train_unet import StepDraws, training_loss  # noqa: E402
+from components.train_unet.setup import make_optimizer  # noqa: E402
 
 SD15_TFLOP_PER_SAMPLE = 2.41  # fwd+bwd of the SD 1.5 UNet at 64x64x4 latents
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense, SXM
@@ -125,8 +130,8 @@ def upstream_loss(unet, vae, text, sched, pixels, ids, gen, device):
     with torch.no_grad():
         latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
         states = text(ids, return_dict=False)[0]
-    noise = torch.randn(latents.shape, generator=gen).to(device)
-    t = torch.randint(0, 1000, (latents.shape[0],), generator=gen).to(device)
+    noise = torch.randn(latents.shape, generator=gen, device=device)
+    t = torch.randint(0, 1000, (latents.shape[0],), generator=gen, device=device)
     noisy = sched.add_noise(latents.float(), noise, t)
     pred = unet(noisy, t, states, return_dict=False)[0]
     return F.mse_loss(pred.float(), noise.float())
@@ -142,13 +147,16 @@ def time_variant(args, models, variant: str, batch: int) -> dict:
     with torch.no_grad():
         dist = vae.encode(pixels).latent_dist
     cached = {"mean": dist.mean.float(), "logvar": dist.logvar.float(), "input_ids": ids}
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-5, fused=variant == "fused_adam" or None)
+    if variant in ("upstream", "plain_adam"):  # the recipe's torch.optim.AdamW defaults
+        opt = torch.optim.AdamW(unet.parameters(), lr=1e-5)
+    else:  # what `t2i train` builds (fused AdamW)
+        opt = make_optimizer(TrainConfig(learning_rate=1e-5), unet.parameters(), 1e-5, device)
     step_unet = unet
     if variant == "compile":
         step_unet = torch.compile(unet)
 
     def one_step(i):
-        gen = torch.Generator().manual_seed(i)
+        gen = torch.Generator(device=device).manual_seed(i)
         with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
             if variant == "upstream":
                 loss = upstream_loss(step_unet, vae, text, sched, pixels, ids, gen, device)
@@ -158,7 +166,7 @@ def time_variant(args, models, variant: str, batch: int) -> dict:
                     text,
                     sched,
                     cached,
-                    _DrawsForRank(gen, slice(0, batch)),
+                    StepDraws(0, i, slice(0, batch), device),
                     vae.config.scaling_factor,
                     batch,
                     device,

@@ -45,8 +45,32 @@ def _cache(p, a):
 def _train(p, a):
     from components import train_unet
 
+    if a.num_processes > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch(p, a)
     r = train_unet.run(p.train, a.latents, a.model, a.out, a.reports, a.checkpoints)
     return r.summary() + f"; model -> {a.out}"
+
+
+def _launch(p, a) -> str:
+    """Re-run this command as `--num-processes` DDP processes (torchrun, one per GPU;
+    gloo on CPU). Settings are checked here first, so a bad one fails once."""
+    import subprocess
+
+    from components.train_unet.setup import check_environment
+
+    check_environment(p.train)
+    argv, skip = [], False
+    for arg in a.argv:
+        if skip or arg.startswith("--num-processes"):
+            skip = arg == "--num-processes" and not skip
+            continue
+        argv.append(arg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += ["--nproc_per_node", str(a.num_processes), "-m", "components.cli", *argv]
+    done = subprocess.run(cmd)
+    if done.returncode:
+        raise T2IError(f"training with {a.num_processes} processes failed (exit {done.returncode})")
+    return f"trained with {a.num_processes} processes; model -> {a.out}"
 
 
 def _evaluate(p, a):
@@ -117,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--worker-index", type=int, help="encode only shards i, i+n, ...")
     cache.add_argument("--num-workers", type=int, help="n, with --worker-index")
     cache.add_argument("--merge", action="store_true", help="write the manifest from parts")
-    stage(
+    train = stage(
         "train",
         _train,
         "fine-tune the UNet on cached latents",
@@ -126,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
         out="artifacts/model",
         reports="artifacts/train",
         checkpoints="artifacts/checkpoints",
+    )
+    train.add_argument(
+        "--num-processes", type=int, default=1, help="DDP processes (one per GPU; gloo on CPU)"
     )
     stage(
         "evaluate",
@@ -159,12 +186,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 on a usage error, naming the flag
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     debug = args.debug or os.environ.get("T2I_DEBUG") == "1"
     if not debug:  # library chatter (e.g. "torchvision not installed") is not for users
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         params = load_params(args.params, args.overrides)
-        print(args.func(params, args))
+        message = args.func(params, args)
+        if os.environ.get("RANK", "0") == "0":  # one line per command, not per process
+            print(message)
         return 0
     except ConfigError as e:
         _fail(e, debug)

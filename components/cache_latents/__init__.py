@@ -74,7 +74,7 @@ def run(
     if worker_index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from accelerate import PartialState
 
-        state = PartialState()
+        state = PartialState(cpu=not torch.cuda.is_available())  # CPU: gloo
         worker_index, num_workers = state.process_index, state.num_processes
     index, count = worker_index or 0, num_workers or 1
     if not 0 <= index < count:

@@ -84,11 +84,19 @@ class CacheConfig(Section):
 
 
 class TrainConfig(Section):
+    # Model. null: the base-model stage's output (`t2i train --model`); else a local
+    # diffusers folder or a hub id (loaded with revision / variant).
+    pretrained_model_name_or_path: str | None = None
+    revision: str | None = None
+    variant: str | None = None
+    non_ema_revision: str | None = None  # the UNet to train from, when use_ema
     seed: int = 0
+    # Schedule.
     train_batch_size: int = Field(16, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    max_train_steps: int | None = Field(300, ge=1)
     num_train_epochs: int | None = Field(None, ge=1)
+    max_train_steps: int | None = Field(300, ge=1)
+    max_train_samples: int | None = Field(None, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
     learning_rate: float = Field(1e-4, gt=0)
     scale_lr: bool = False
     lr_scheduler: Literal[
@@ -100,22 +108,55 @@ class TrainConfig(Section):
         "constant_with_warmup",
     ] = "constant"
     lr_warmup_steps: int = Field(0, ge=0)
+    # Optimiser.
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.999, ge=0, lt=1)
     adam_weight_decay: float = Field(1e-2, ge=0)
     adam_epsilon: float = Field(1e-8, gt=0)
     max_grad_norm: float = Field(1.0, gt=0)
+    use_8bit_adam: bool = False
+    # Objective.
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
+    snr_gamma: float | None = Field(None, gt=0)
+    noise_offset: float = Field(0.0, ge=0)
+    input_perturbation: float = Field(0.0, ge=0)
+    dream_training: bool = False
+    dream_detail_preservation: float = Field(1.0, ge=0)
+    proportion_empty_prompts: float = Field(0.0, ge=0, le=1)
+    # EMA.
+    use_ema: bool = False
+    offload_ema: bool = False
+    foreach_ema: bool = False
+    # Memory / speed.
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
+    allow_tf32: bool = False
+    enable_xformers_memory_efficient_attention: bool = False
+    dataloader_num_workers: int = Field(0, ge=0)
+    # Data stream: samples pass a shuffle buffer; a global batch is made of
+    # data_streams disjoint shard streams (null: one per process).
+    shuffle_buffer: int = Field(1000, ge=1)
+    data_streams: int | None = Field(None, ge=1)
+    # Checkpoints.
     checkpointing_steps: int = Field(100, ge=1)
     checkpoints_total_limit: int | None = Field(2, ge=1)
     resume_from_checkpoint: str | None = "latest"
+    # Monitoring.
+    validation_prompts: list[str] | None = None
+    validation_epochs: int = Field(5, ge=1)
+    report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
+    logging_dir: str = "logs"
+    tracker_project_name: str = "text2image-fine-tune"
+    logging_steps: int = Field(10, ge=1)
 
     @model_validator(mode="after")
-    def _has_length(self) -> TrainConfig:
+    def _consistent(self) -> TrainConfig:
         if self.max_train_steps is None and self.num_train_epochs is None:
             raise ValueError("set max_train_steps or num_train_epochs")
+        if self.offload_ema and not self.use_ema:
+            raise ValueError("offload_ema needs use_ema: true")
+        if self.non_ema_revision and not self.use_ema:
+            raise ValueError("non_ema_revision needs use_ema: true")
         return self
 
 

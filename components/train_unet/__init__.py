@@ -2,145 +2,86 @@
 
 Each step draws latents = (mean + std * eps) * scaling_factor from the cached VAE
 moments with a fresh eps, as the recipe's `latent_dist.sample()` does, adds noise at
-a random timestep and regresses the UNet on the epsilon (or v) target.
+a random timestep and regresses the UNet on the epsilon (or v) target
+(`objective.py`). Batches stream from the latent shards (`data.py`).
 
-Everything random in a step (which samples, eps, noise, timesteps) is a pure function
-of (seed, micro-step), so resuming from a checkpoint continues exactly where the run
-stopped, mid-epoch included, and N processes see the same global batch as one.
+Everything random in a step is a pure function of (seed, micro-step), and the data
+position is a pure function of the micro-step, so resuming from a checkpoint
+continues exactly where the run stopped, mid-epoch included, and N processes with
+batch B see the same global batches as one process with batch N*B (and
+`data_streams: N`).
 """
 
 from __future__ import annotations
 
-import csv
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from components.cache_latents import load_split, read_latent_manifest
+from components.cache_latents import verify
 from components.common.config import TrainConfig
-from components.common.errors import ConfigError, T2IError
-from components.common.io import atomic_dir, sha256_json, write_json_atomic
-from components.common.models import (
-    check_model_dir,
-    load_noise_scheduler,
-    load_text_encoder,
-    load_unet,
-    weights_sha256,
-)
+from components.common.io import atomic_dir, sha256_json
+from components.common.models import weights_sha256
 from components.train_unet import checkpoints
+from components.train_unet.data import LatentStream
+from components.train_unet.monitor import (
+    LossLog,
+    TrainReport,
+    log_validation,
+    make_report,
+    tracker_config,
+    write_reports,
+)
+from components.train_unet.objective import Objective, StepDraws, training_loss
+from components.train_unet.setup import (
+    Models,
+    check_environment,
+    load_models,
+    make_optimizer,
+    resolve_model,
+)
 
-# Settings that change how a run is saved, not what it computes.
-_NOT_IN_FINGERPRINT = {"checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint"}
+__all__ = ["TrainReport", "run", "training_loss", "StepDraws", "save_pipeline"]
+
+# Settings that change how a run is saved, shown or paced, not what it computes.
+_NOT_IN_FINGERPRINT = {
+    "checkpointing_steps",
+    "checkpoints_total_limit",
+    "resume_from_checkpoint",
+    "max_train_steps",
+    "num_train_epochs",
+    "validation_prompts",
+    "validation_epochs",
+    "report_to",
+    "logging_dir",
+    "tracker_project_name",
+    "logging_steps",
+    "dataloader_num_workers",
+}
 
 
 @dataclass
-class TrainReport:
-    steps: int
-    samples_seen: int
-    initial_loss: float
-    final_loss: float
-    images_per_second: float
-    resumed_from_step: int
+class Run:
+    """One training run's parts, as the loop needs them."""
 
-    def summary(self) -> str:
-        start = f" (resumed at step {self.resumed_from_step})" if self.resumed_from_step else ""
-        return (
-            f"trained {self.steps} steps{start}: loss {self.initial_loss:.4f} -> "
-            f"{self.final_loss:.4f}, {self.images_per_second:.1f} img/s"
-        )
-
-
-class LatentBatches:
-    """Deterministic batches over cached samples: micro-step -> (rank's samples, draws)."""
-
-    def __init__(self, samples: list[dict], batch_size: int, seed: int, rank: int, world: int):
-        self.samples, self.batch, self.seed = samples, batch_size, seed
-        self.rank, self.world = rank, world
-        self.global_batch = batch_size * world
-        self.steps_per_epoch = len(samples) // self.global_batch
-        if self.steps_per_epoch == 0:
-            raise ConfigError(
-                f"train.train_batch_size={batch_size} x {world} processes is more than the "
-                f"{len(samples)} training samples; lower train_batch_size"
-            )
-        self._perm_epoch, self._perm = -1, None
-
-    def __call__(self, micro_step: int) -> tuple[dict[str, torch.Tensor], torch.Generator]:
-        epoch, within = divmod(micro_step, self.steps_per_epoch)
-        if epoch != self._perm_epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm, self._perm_epoch = torch.randperm(len(self.samples), generator=g), epoch
-        lo = within * self.global_batch
-        chosen = self._perm[lo : lo + self.global_batch].tolist()
-        draws = torch.Generator().manual_seed(self.seed * 7_919 + 1_000_003 * (micro_step + 1))
-        flips = torch.rand(self.global_batch, generator=draws) < 0.5
-        mine = slice(self.rank * self.batch, (self.rank + 1) * self.batch)
-        batch = {}
-        for name in ("mean", "logvar"):
-            rows = [
-                self._view(self.samples[i], name, bool(f))
-                for i, f in zip(chosen, flips, strict=True)
-            ]
-            batch[name] = torch.stack(rows)
-        for name in ("input_ids", "encoder_hidden_states"):
-            if name in self.samples[0]:  # hidden states: when `cache.text_embeddings`
-                batch[name] = torch.stack([self.samples[i][name] for i in chosen])
-        return {k: v[mine] for k, v in batch.items()}, _DrawsForRank(draws, mine)
-
-    @staticmethod
-    def _view(sample: dict, name: str, flip: bool) -> torch.Tensor:
-        return sample[f"{name}_flip"] if flip and f"{name}_flip" in sample else sample[name]
-
-
-class _DrawsForRank:
-    """Random tensors drawn for the global batch, then sliced to this rank's part."""
-
-    def __init__(self, generator: torch.Generator, rows: slice):
-        self.generator, self.rows = generator, rows
-
-    def randn(self, shape: tuple[int, ...]) -> torch.Tensor:
-        return torch.randn(shape, generator=self.generator)[self.rows]
-
-    def randint(self, high: int, n: int) -> torch.Tensor:
-        return torch.randint(0, high, (n,), generator=self.generator)[self.rows]
-
-
-def training_loss(
-    unet,
-    text_encoder,
-    noise_scheduler,
-    batch,
-    draws,
-    scaling_factor: float,
-    global_batch: int,
-    device,
-) -> torch.Tensor:
-    """One step of the recipe's objective on cached moments; returns the MSE loss."""
-    mean, logvar = batch["mean"].to(device), batch["logvar"].to(device)
-    shape = (global_batch, *mean.shape[1:])
-    eps, noise = draws.randn(shape).to(device), draws.randn(shape).to(device)
-    timesteps = draws.randint(noise_scheduler.config.num_train_timesteps, global_batch).to(device)
-
-    latents = (mean + torch.exp(0.5 * logvar) * eps) * scaling_factor
-    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-    if "encoder_hidden_states" in batch:  # cached by `t2i cache` (text encoder is frozen)
-        encoder_hidden_states = batch["encoder_hidden_states"].to(device, latents.dtype)
-    else:
-        with torch.no_grad():
-            ids = batch["input_ids"].to(device)
-            encoder_hidden_states = text_encoder(ids, return_dict=False)[0]
-    if noise_scheduler.config.prediction_type == "epsilon":
-        target = noise
-    else:
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
-    return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+    cfg: TrainConfig
+    accelerator: object
+    models: Models
+    unet: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    stream: LatentStream
+    scaling_factor: float
+    fingerprint: str
+    model: Path
+    checkpoint_dir: Path
+    reports: Path
+    resolution: int
 
 
 def run(
@@ -153,152 +94,239 @@ def run(
 ) -> TrainReport:
     """Fine-tune the UNet of `model` on the latent shards in `latents`.
 
-    Writes a complete diffusers pipeline to `out` (atomically), train metrics and the
-    loss log to `reports`, checkpoints to `checkpoint_dir`. Raises ConfigError for
+    Writes a complete diffusers pipeline to `out` (atomically; EMA weights when
+    `use_ema`), `train_metrics.json`, `loss.csv`, TensorBoard logs and validation
+    images to `reports`, checkpoints to `checkpoint_dir`. Raises ConfigError for
     impossible settings (before any work) and T2IError for missing/corrupt inputs.
     """
-    from accelerate import Accelerator
-    from diffusers.optimization import get_scheduler
-
-    out, model = Path(out), check_model_dir(Path(model))
+    check_environment(cfg)
+    out = Path(out)
     reports = Path(reports) if reports else out.parent / "train"
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else out.parent / "checkpoints"
-    _check_runtime(cfg)
+    model = resolve_model(cfg, model)
+    manifest = verify(latents)  # every shard's checksum, before step 0
+    r = _prepare(cfg, Path(latents), manifest, model, reports, checkpoint_dir)
+    step, history = 0, []
+    resume = checkpoints.find_resume(checkpoint_dir, cfg.resume_from_checkpoint, r.fingerprint)
+    if resume is not None:
+        unet = r.accelerator.unwrap_model(r.unet)
+        scaler = r.accelerator.scaler
+        step = checkpoints.load(resume, unet, r.optimizer, r.lr_scheduler, scaler, r.models.ema)
+        history = checkpoints.read_state(resume)["history"]
+        r.accelerator.print(f"resuming from {resume} (step {step})")
+    max_steps = _max_steps(cfg, r.stream)
+    started = time.perf_counter()
+    log = train_steps(r, step, max_steps, LossLog(history))
+    elapsed = time.perf_counter() - started
+    per_step = r.stream.global_batch * cfg.gradient_accumulation_steps
+    rate = (max_steps - step) * per_step / elapsed if elapsed and max_steps > step else 0.0
+    log.flush()
+    report = make_report(log.rows, max(step, max_steps), step, rate, per_step)
+    r.accelerator.wait_for_everyone()
+    if r.accelerator.is_main_process:
+        unet = r.accelerator.unwrap_model(r.unet)
+        if r.models.ema is not None:
+            r.models.ema.copy_to(unet.parameters())
+        save_pipeline(model, unet, r.models.noise_scheduler, out)
+        write_reports(reports, report, log.rows)
+    r.accelerator.end_training()
+    return report
+
+
+def _prepare(cfg, latents, manifest, model, reports, checkpoint_dir) -> Run:
+    """Accelerator, data stream, models, optimizer and LR schedule; the run fingerprint."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from diffusers.optimization import get_scheduler
+
+    if cfg.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),  # so torchrun on CPU means gloo DDP, not N copies
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=str(reports), logging_dir=str(reports / cfg.logging_dir)
+        ),
     )
-    manifest = read_latent_manifest(latents)
-    data = LatentBatches(
-        load_split(latents, "train"),
-        cfg.train_batch_size,
-        cfg.seed,
-        accelerator.process_index,
-        accelerator.num_processes,
+    if accelerator.is_main_process and cfg.report_to != "none":
+        accelerator.init_trackers(cfg.tracker_project_name, config=tracker_config(cfg))
+    models = load_models(cfg, model, accelerator.device, manifest)
+    stream = LatentStream.from_manifest(
+        latents,
+        manifest,
+        cfg.max_train_samples,
+        batch_size=cfg.train_batch_size,
+        seed=cfg.seed,
+        rank=accelerator.process_index,
+        world=accelerator.num_processes,
+        streams=cfg.data_streams,
+        shuffle_buffer=cfg.shuffle_buffer,
+        workers=cfg.dataloader_num_workers,
+        empty_prompt=models.empty_prompt,
+        proportion_empty_prompts=cfg.proportion_empty_prompts,
     )
-
-    noise_scheduler = load_noise_scheduler(model)
-    if cfg.prediction_type:
-        noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
-        cfg.mixed_precision, torch.float32
-    )
-    text_encoder = (
-        load_text_encoder(model).requires_grad_(False).to(accelerator.device, weight_dtype)
-    )
-    unet = load_unet(model)
+    unet = models.unet
     unet.train()
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-
+    if cfg.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
     lr = cfg.learning_rate
     if cfg.scale_lr:
         lr *= cfg.gradient_accumulation_steps * cfg.train_batch_size * accelerator.num_processes
-    optimizer = torch.optim.AdamW(
-        unet.parameters(),
-        lr=lr,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        weight_decay=cfg.adam_weight_decay,
-        eps=cfg.adam_epsilon,
-    )
-    updates_per_epoch = math.ceil(data.steps_per_epoch / cfg.gradient_accumulation_steps)
-    max_steps = cfg.max_train_steps or cfg.num_train_epochs * updates_per_epoch
+    optimizer = make_optimizer(cfg, unet.parameters(), lr, accelerator.device)
     # Stepped once per optimizer update (not prepared), so warmup counts updates.
     lr_scheduler = get_scheduler(
         cfg.lr_scheduler,
         optimizer,
         num_warmup_steps=cfg.lr_warmup_steps,
-        num_training_steps=max_steps,
+        num_training_steps=_max_steps(cfg, stream),
     )
     unet, optimizer = accelerator.prepare(unet, optimizer)
-
     fingerprint = sha256_json(
         {
             "config": cfg.model_dump(exclude=_NOT_IN_FINGERPRINT),
             "latents": [s["sha256"] for s in manifest["shards"]],
             "base_unet": weights_sha256(model, "unet"),
             "processes": accelerator.num_processes,
+            "streams": stream.streams,
         }
     )
-    step, history = 0, []
-    resume = checkpoints.find_resume(checkpoint_dir, cfg.resume_from_checkpoint, fingerprint)
-    if resume is not None:
-        step = checkpoints.load(
-            resume, accelerator.unwrap_model(unet), optimizer, lr_scheduler, accelerator.scaler
-        )
-        history = _read_history(resume)
-        accelerator.print(f"resuming from {resume} (step {step})")
-    resumed_from = step
-
-    bar = tqdm(
-        total=max_steps,
-        initial=step,
-        desc="train",
-        unit="step",
-        disable=not accelerator.is_local_main_process,
+    return Run(
+        cfg,
+        accelerator,
+        models,
+        unet,
+        optimizer,
+        lr_scheduler,
+        stream,
+        manifest["vae_scaling_factor"],
+        fingerprint,
+        model,
+        checkpoint_dir,
+        reports,
+        manifest.get("resolution", 512),
     )
-    started, images, accumulated = time.perf_counter(), 0, []
-    while step < max_steps:
-        micro_step = step * cfg.gradient_accumulation_steps + len(accumulated)
-        batch, draws = data(micro_step)
-        with accelerator.accumulate(unet):
+
+
+def _max_steps(cfg: TrainConfig, stream: LatentStream) -> int:
+    if cfg.max_train_steps:
+        return cfg.max_train_steps
+    micro = stream.micro_steps_for_epochs(cfg.num_train_epochs)
+    return math.ceil(micro / cfg.gradient_accumulation_steps)
+
+
+def train_steps(r: Run, step: int, max_steps: int, log: LossLog) -> LossLog:
+    """Optimizer steps `step`..`max_steps`: the recipe's loop, one micro-batch at a time."""
+    cfg, acc = r.cfg, r.accelerator
+    objective = Objective(
+        cfg.snr_gamma,
+        cfg.noise_offset,
+        cfg.input_perturbation,
+        cfg.dream_training,
+        cfg.dream_detail_preservation,
+    )
+    rows = r.stream.rows
+    bar = tqdm(
+        total=max_steps, initial=step, desc="train", unit="step", disable=not acc.is_main_process
+    )
+    started, images, micro_losses = time.perf_counter(), 0, []
+    epoch = r.stream.position(step * cfg.gradient_accumulation_steps)[0]
+    for micro_step, batch in r.stream.batches(step * cfg.gradient_accumulation_steps):
+        if step >= max_steps:
+            break
+        with acc.accumulate(r.unet):
+            draws = StepDraws(cfg.seed, micro_step, rows, acc.device)
             loss = training_loss(
-                unet,
-                text_encoder,
-                noise_scheduler,
+                r.unet,
+                r.models.text_encoder,
+                r.models.noise_scheduler,
                 batch,
                 draws,
-                manifest["vae_scaling_factor"],
-                data.global_batch,
-                accelerator.device,
+                r.scaling_factor,
+                r.stream.global_batch,
+                acc.device,
+                objective,
             )
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        accumulated.append(accelerator.gather(loss.detach()).mean().item())
-        images += data.global_batch
-        if not accelerator.sync_gradients:
+            acc.backward(loss)
+            if acc.sync_gradients:
+                acc.clip_grad_norm_(r.unet.parameters(), cfg.max_grad_norm)
+            r.optimizer.step()
+            r.optimizer.zero_grad(set_to_none=True)
+        micro_losses.append(acc.gather(loss.detach()).mean())
+        images += r.stream.global_batch
+        if not acc.sync_gradients:
             continue
-        history.append(
-            [step + 1, sum(accumulated) / len(accumulated), lr_scheduler.get_last_lr()[0]]
-        )
-        lr_scheduler.step()
-        step, accumulated = step + 1, []
-        rate = images / (time.perf_counter() - started)
+        _ema_step(r)
+        log.add(step + 1, torch.stack(micro_losses).mean(), r.lr_scheduler.get_last_lr()[0])
+        r.lr_scheduler.step()
+        step, micro_losses = step + 1, []
         bar.update(1)
-        bar.set_postfix(
-            loss=f"{history[-1][1]:.4f}", lr=f"{history[-1][2]:.2e}", img_s=f"{rate:.1f}"
-        )
-        if step % cfg.checkpointing_steps == 0 and accelerator.is_main_process:
-            checkpoints.save(
-                checkpoint_dir,
-                step,
-                fingerprint,
-                accelerator.unwrap_model(unet),
-                optimizer,
-                lr_scheduler,
-                accelerator.scaler,
-                cfg.checkpoints_total_limit,
-                history,
-            )
+        if step % cfg.logging_steps == 0 or step == max_steps:
+            _show(acc, bar, log, images / (time.perf_counter() - started))
+        if step % cfg.checkpointing_steps == 0 and acc.is_main_process:
+            _checkpoint(r, step, log)
+        now = r.stream.position(micro_step + 1)[0]
+        if now > epoch:
+            epoch = now
+            _maybe_validate(r, step, epoch)
     bar.close()
-    accelerator.wait_for_everyone()
+    return log
 
-    elapsed = time.perf_counter() - started
-    report = _report(
-        history,
+
+def _ema_step(r: Run) -> None:
+    ema = r.models.ema
+    if ema is None:
+        return
+    if r.cfg.offload_ema:
+        ema.to(r.accelerator.device, non_blocking=True)
+    ema.step(r.accelerator.unwrap_model(r.unet).parameters())
+    if r.cfg.offload_ema:
+        ema.to("cpu", non_blocking=True)
+
+
+def _show(acc, bar, log: LossLog, rate: float) -> None:
+    """Progress bar and trackers, every `logging_steps` (the only host sync for the loss)."""
+    for step, loss, lr in log.flush():
+        acc.log({"train_loss": loss, "lr": lr}, step=step)
+    _, loss, lr = log.rows[-1]
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+
+
+def _checkpoint(r: Run, step: int, log: LossLog) -> None:
+    epoch, batch = r.stream.position(step * r.cfg.gradient_accumulation_steps)
+    checkpoints.save(
+        r.checkpoint_dir,
         step,
-        resumed_from,
-        images / elapsed if images else 0.0,
-        data.global_batch * cfg.gradient_accumulation_steps,
+        r.fingerprint,
+        r.accelerator.unwrap_model(r.unet),
+        r.optimizer,
+        r.lr_scheduler,
+        r.accelerator.scaler,
+        r.cfg.checkpoints_total_limit,
+        (log.flush(), log.rows)[1],
+        ema=r.models.ema,
+        data_position={"epoch": epoch, "batch": batch},
     )
-    if accelerator.is_main_process:
-        save_pipeline(model, accelerator.unwrap_model(unet), noise_scheduler, out)
-        write_reports(reports, report, history)
-    accelerator.end_training()
-    return report
+
+
+def _maybe_validate(r: Run, step: int, epoch: int) -> None:
+    cfg = r.cfg
+    if not cfg.validation_prompts or epoch % cfg.validation_epochs:
+        return
+    if r.accelerator.is_main_process:
+        log_validation(
+            cfg,
+            r.model,
+            r.unet,
+            r.models.ema,
+            r.accelerator,
+            r.reports / "validation",
+            step,
+            r.resolution,
+        )
 
 
 def save_pipeline(base: Path, unet, noise_scheduler, out: Path) -> None:
@@ -309,41 +337,3 @@ def save_pipeline(base: Path, unet, noise_scheduler, out: Path) -> None:
         )
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
         noise_scheduler.save_pretrained(tmp / "scheduler")
-
-
-def write_reports(reports: Path, report: TrainReport, history: list) -> None:
-    reports.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(reports / "metrics.json", asdict(report))
-    tmp = reports / "loss.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["step", "loss", "lr"])
-        writer.writerows(history)
-    tmp.replace(reports / "loss.csv")
-
-
-def _report(history, steps, resumed_from, rate, samples_per_step) -> TrainReport:
-    if not history:
-        raise T2IError("training ran no step (max_train_steps reached already?)")
-    window = max(1, min(10, len(history) // 5))
-    losses = [h[1] for h in history]
-    return TrainReport(
-        steps=steps,
-        samples_seen=steps * samples_per_step,
-        initial_loss=sum(losses[:window]) / window,
-        final_loss=sum(losses[-window:]) / window,
-        images_per_second=round(rate, 2),
-        resumed_from_step=resumed_from,
-    )
-
-
-def _read_history(checkpoint: Path) -> list:
-    import json
-
-    return json.loads((checkpoint / "state.json").read_text()).get("history", [])
-
-
-def _check_runtime(cfg: TrainConfig) -> None:
-    """Settings that cannot work on this machine fail before any work."""
-    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 or no on CPU")

@@ -38,18 +38,27 @@ def save(
     scaler,
     keep: int | None,
     history: list,
+    ema=None,
+    data_position: dict | None = None,
 ) -> Path:
-    """Commit checkpoint-<step> under `root`, then prune to the `keep` newest."""
+    """Commit checkpoint-<step> under `root`, then prune to the `keep` newest.
+
+    Holds the UNet (safetensors), the optimizer, LR scheduler, grad scaler and EMA
+    state (a tensors-only file, loaded with `weights_only=True`), the data position
+    and the loss history.
+    """
     final = Path(root) / f"checkpoint-{step}"
     with atomic_dir(final) as tmp:
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
         state = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}
         if scaler is not None:
             state["scaler"] = scaler.state_dict()
+        if ema is not None:
+            state["ema"] = ema.state_dict()
         torch.save(state, tmp / "training_state.pt")
-        write_json_atomic(
-            tmp / "state.json", {"step": step, "fingerprint": fingerprint, "history": history}
-        )
+        meta = {"step": step, "fingerprint": fingerprint, "history": history}
+        meta["data_position"] = data_position
+        write_json_atomic(tmp / "state.json", meta)
         (tmp / MARKER).write_text("")
     if keep is not None:
         for old in committed(root)[:-keep]:
@@ -74,7 +83,7 @@ def find_resume(root: Path, resume: str | None, fingerprint: str) -> Path | None
     return None
 
 
-def load(path: Path, unet, optimizer, lr_scheduler, scaler) -> int:
+def load(path: Path, unet, optimizer, lr_scheduler, scaler, ema=None) -> int:
     """Restore state from a committed checkpoint; return its step. No pickle is run."""
     from safetensors.torch import load_file
 
@@ -85,4 +94,13 @@ def load(path: Path, unet, optimizer, lr_scheduler, scaler) -> int:
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     if scaler is not None and "scaler" in state:
         scaler.load_state_dict(state["scaler"])
+    if ema is not None:
+        if "ema" not in state:
+            raise ConfigError(f"{path}: has no EMA state; it was saved with use_ema: false")
+        ema.load_state_dict(state["ema"])
     return int(json.loads((path / "state.json").read_text())["step"])
+
+
+def read_state(path: Path) -> dict:
+    """state.json of a committed checkpoint: step, fingerprint, history, data position."""
+    return json.loads((Path(path) / "state.json").read_text())

@@ -1,0 +1,231 @@
+"""The training data: a deterministic, resumable stream of batches over latent shards.
+
+Every epoch the train shards are put in an order drawn from (seed, epoch) and dealt
+to `S` streams (stream s reads shards s, s+S, ...). Each stream reads its shards
+front to back, WebDataset style, through a shuffle buffer seeded by (seed, epoch, s)
+and cuts batches of G/S samples; the global batch of micro-step t is the t-th
+batch of every stream, side by side. With N processes each rank owns S/N streams,
+so ranks read disjoint shards. S defaults to N; N processes with batch B and one
+process with batch N·B and S=N see the same global batches.
+
+An epoch is as long as its shortest stream, so every rank takes the same number of
+steps. The position (epoch, batch) is a pure function of the micro-step, so a resumed
+run replays the stream to the exact next sample, mid-epoch included. The choices a
+step makes per sample (flipped view, empty prompt) come from (seed, micro-step) too.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load as st_load
+
+from components.common.errors import ConfigError
+from components.common.shards import read_shard
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    path: Path
+    samples: int  # how many of its samples are used (max_train_samples can cut the last)
+
+
+def step_generator(seed: int, micro_step: int, device="cpu") -> torch.Generator:
+    """The generator of everything random in one micro-step."""
+    return torch.Generator(device=device).manual_seed(seed * 7_919 + 1_000_003 * (micro_step + 1))
+
+
+class LatentStream:
+    """Batches for this rank: `batches(start)` yields (micro_step, batch) from `start`."""
+
+    def __init__(
+        self,
+        shards: list[ShardRef],
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        streams: int | None = None,
+        shuffle_buffer: int = 1000,
+        workers: int = 0,
+        empty_prompt: dict[str, torch.Tensor] | None = None,
+        proportion_empty_prompts: float = 0.0,
+    ):
+        self.shards, self.seed, self.buffer = shards, seed, shuffle_buffer
+        self.rank, self.world, self.workers = rank, world, workers
+        self.streams = streams or world
+        self.global_batch = batch_size * world
+        if self.streams % world or self.global_batch % self.streams:
+            raise ConfigError(
+                f"train.data_streams={self.streams} must be a multiple of the {world} "
+                f"processes and divide the global batch {self.global_batch}"
+            )
+        self.per_stream = self.global_batch // self.streams
+        per_rank = self.streams // world
+        self.mine = range(rank * per_rank, (rank + 1) * per_rank)
+        self.empty_prompt, self.p_empty = empty_prompt, proportion_empty_prompts
+        self._lengths: dict[int, int] = {}
+        if self.steps_in_epoch(0) == 0:
+            raise ConfigError(
+                f"{len(shards)} train shards, {sum(s.samples for s in shards)} samples: too "
+                f"few for {self.streams} data streams of {self.per_stream} samples per batch; "
+                "lower train.train_batch_size or re-pack with a smaller pack.shard_max_samples"
+            )
+
+    @classmethod
+    def from_manifest(cls, latents: Path, manifest: dict, max_samples: int | None, **kw):
+        refs, left = [], max_samples
+        for shard in manifest["shards"]:
+            if shard["split"] != "train" or left == 0:
+                continue
+            n = shard["samples"] if left is None else min(left, shard["samples"])
+            refs.append(ShardRef(Path(latents) / shard["name"], n))
+            left = None if left is None else left - n
+        return cls(refs, **kw)
+
+    # -- positions ---------------------------------------------------------------------
+
+    def _stream_shards(self, epoch: int, stream: int) -> list[ShardRef]:
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
+        return [self.shards[i] for i in order[stream :: self.streams]]
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        if epoch not in self._lengths:
+            sizes = [
+                sum(s.samples for s in self._stream_shards(epoch, k)) for k in range(self.streams)
+            ]
+            self._lengths[epoch] = min(sizes) // self.per_stream
+        return self._lengths[epoch]
+
+    def position(self, micro_step: int) -> tuple[int, int]:
+        """(epoch, batch within the epoch) of a micro-step."""
+        epoch = 0
+        while micro_step >= self.steps_in_epoch(epoch):
+            micro_step -= self.steps_in_epoch(epoch)
+            epoch += 1
+        return epoch, micro_step
+
+    def micro_steps_for_epochs(self, epochs: int) -> int:
+        return sum(self.steps_in_epoch(e) for e in range(epochs))
+
+    # -- reading -------------------------------------------------------------------------
+
+    def _samples(self, epoch: int, stream: int) -> Iterator[dict[str, bytes]]:
+        """Raw records of one stream in one epoch, through the shuffle buffer."""
+        rng = np.random.default_rng([self.seed, epoch, stream, 1])
+        buffer: list[dict[str, bytes]] = []
+        for ref in self._stream_shards(epoch, stream):
+            for n, record in enumerate(read_shard(ref.path)):
+                if n >= ref.samples:
+                    break
+                if len(buffer) < self.buffer:
+                    buffer.append(record)
+                    continue
+                i = int(rng.integers(len(buffer)))
+                buffer[i], record = record, buffer[i]
+                yield record
+        while buffer:
+            yield buffer.pop(int(rng.integers(len(buffer))))
+
+    def _raw_batches(self, start: int) -> Iterator[tuple[int, list[dict[str, bytes]]]]:
+        """(micro_step, this rank's records) from micro-step `start`, forever."""
+        epoch, skip = self.position(start)
+        step = start
+        while True:
+            streams = [self._samples(epoch, s) for s in self.mine]
+            for _ in range(skip * self.per_stream):  # replay to the exact next sample
+                for it in streams:
+                    next(it)
+            for _ in range(skip, self.steps_in_epoch(epoch)):
+                rows = [next(it) for it in streams for _ in range(self.per_stream)]
+                yield step, rows
+                step += 1
+            epoch, skip = epoch + 1, 0
+
+    def batches(self, start: int) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """Decoded batches from micro-step `start`, prefetched by `workers` threads."""
+        pool = ThreadPoolExecutor(self.workers) if self.workers else None
+        decoded = (
+            (
+                step,
+                self._collate(
+                    step, list(pool.map(_decode, rows)) if pool else [_decode(r) for r in rows]
+                ),
+            )
+            for step, rows in self._raw_batches(start)
+        )
+        return _prefetch(decoded, 2 * self.workers) if pool else decoded
+
+    def _collate(self, step: int, samples: list[dict[str, torch.Tensor]]) -> dict:
+        """Stack this rank's rows, choosing the flipped view and empty prompts."""
+        g = torch.Generator().manual_seed(self.seed * 104_729 + step)
+        flips = (torch.rand(self.global_batch, generator=g) < 0.5)[self.rows]
+        empty = (torch.rand(self.global_batch, generator=g) < self.p_empty)[self.rows]
+        batch = {}
+        for name in ("mean", "logvar"):
+            batch[name] = torch.stack(
+                [
+                    s.get(f"{name}_flip", s[name]) if f else s[name]
+                    for s, f in zip(samples, flips, strict=True)
+                ]
+            )
+        for name in ("input_ids", "encoder_hidden_states"):
+            if name in samples[0]:
+                rows = [s[name] for s in samples]
+                if self.empty_prompt is not None:
+                    rows = [
+                        self.empty_prompt[name] if e else r
+                        for r, e in zip(rows, empty, strict=True)
+                    ]
+                batch[name] = torch.stack(rows)
+        return batch
+
+    @property
+    def rows(self) -> slice:
+        """This rank's rows of the global batch."""
+        per_rank = self.global_batch // self.world
+        return slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+
+
+def _decode(record: dict[str, bytes]) -> dict[str, torch.Tensor]:
+    tensors = st_load(record["safetensors"])
+    return {k: v.float() if v.is_floating_point() else v.long() for k, v in tensors.items()}
+
+
+def _prefetch(items: Iterator, depth: int) -> Iterator:
+    """Run `items` in a background thread, `depth` ahead (order kept)."""
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    done = object()
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as e:  # surfaced in the consumer
+            q.put(e)
+        q.put(done)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()

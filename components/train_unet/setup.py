@@ -1,0 +1,149 @@
+"""Everything a run needs before its first step: checks, models, optimizer.
+
+`check_environment` runs before any work, so a setting that cannot work here (fp16 or
+xformers without CUDA, a missing optional package, a resume path that does not
+exist) costs the user one line and exit status 2, not a model load.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from components.common.config import TrainConfig
+from components.common.errors import ConfigError, T2IError
+from components.common.models import check_model_dir, weights_sha256
+
+WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def check_environment(cfg: TrainConfig, cuda: bool | None = None) -> None:
+    """ConfigError for settings that cannot run on this machine or with these packages."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if cfg.mixed_precision == "fp16" and not cuda:
+        raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 or no on CPU")
+    if cfg.enable_xformers_memory_efficient_attention:
+        if not cuda:
+            raise ConfigError(
+                "train.enable_xformers_memory_efficient_attention needs a CUDA GPU; "
+                "PyTorch SDPA attention is used without it"
+            )
+        if importlib.util.find_spec("xformers") is None:
+            raise ConfigError(
+                "train.enable_xformers_memory_efficient_attention: xformers is not installed "
+                "(pip install '.[gpu]')"
+            )
+    if cfg.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            "train.use_8bit_adam: bitsandbytes is not installed (pip install '.[adam8bit]')"
+        )
+    if cfg.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("train.report_to=wandb: wandb is not installed (pip install wandb)")
+    resume = cfg.resume_from_checkpoint
+    if resume not in (None, "latest") and not (Path(resume) / "COMMITTED").is_file():
+        raise ConfigError(f"train.resume_from_checkpoint {resume!r}: no committed checkpoint there")
+
+
+def resolve_model(cfg: TrainConfig, stage_model: Path) -> Path:
+    """The folder to train from: `pretrained_model_name_or_path` or the stage's model."""
+    name = cfg.pretrained_model_name_or_path
+    if name is None:
+        return check_model_dir(Path(stage_model))
+    if Path(name).is_dir():
+        return check_model_dir(Path(name))
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, revision=cfg.revision))
+    except Exception as e:  # offline, unknown repo, no access
+        raise T2IError(
+            f"train.pretrained_model_name_or_path {name!r}: cannot download "
+            f"({type(e).__name__}); offline (HF_HUB_OFFLINE=1) only cached models load"
+        ) from None
+
+
+@dataclass
+class Models:
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    noise_scheduler: object
+    ema: object | None
+    empty_prompt: dict[str, torch.Tensor] | None
+
+
+def load_models(cfg: TrainConfig, model: Path, device, latents_manifest: dict) -> Models:
+    """The trainable UNet (from `non_ema_revision` when set), its EMA, the frozen text
+    encoder and the noise scheduler. T2IError when the latents were made with another
+    VAE than this model's."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    cached_vae = latents_manifest.get("model", {}).get("vae")
+    if cached_vae and (model / "vae").is_dir() and weights_sha256(model, "vae") != cached_vae:
+        raise T2IError(
+            f"the latents were encoded with another VAE than {model}'s; re-run `t2i cache` "
+            "with this model"
+        )
+    variant = {"variant": cfg.variant} if cfg.variant else {}
+    noise_scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+    if cfg.prediction_type:
+        noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
+    dtype = WEIGHT_DTYPES.get(cfg.mixed_precision, torch.float32)
+    text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", **variant)
+    text_encoder = text_encoder.requires_grad_(False).eval().to(device, dtype)
+    revision = cfg.non_ema_revision if cfg.use_ema and cfg.non_ema_revision else None
+    unet = _unet(model, revision, variant)
+    ema = None
+    if cfg.use_ema:
+        from diffusers.training_utils import EMAModel
+
+        ema_unet = _unet(model, None, variant)
+        ema = EMAModel(
+            ema_unet.parameters(),
+            model_cls=UNet2DConditionModel,
+            model_config=ema_unet.config,
+            foreach=cfg.foreach_ema,
+        )
+        ema.to("cpu" if cfg.offload_ema else device)
+        if cfg.offload_ema and torch.cuda.is_available():
+            ema.pin_memory()
+    empty = None
+    if cfg.proportion_empty_prompts:
+        tok = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+        ids = tok(
+            [""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt"
+        ).input_ids
+        with torch.no_grad():
+            hidden = text_encoder(ids.to(device), return_dict=False)[0]
+        empty = {"input_ids": ids[0], "encoder_hidden_states": hidden[0].float().cpu()}
+    return Models(unet, text_encoder, noise_scheduler, ema, empty)
+
+
+def _unet(model: Path, revision: str | None, variant: dict):
+    from diffusers import UNet2DConditionModel
+
+    if revision and not Path(model, "unet").is_dir():
+        return UNet2DConditionModel.from_pretrained(
+            model, subfolder="unet", revision=revision, **variant
+        )
+    return UNet2DConditionModel.from_pretrained(model, subfolder="unet", **variant)
+
+
+def make_optimizer(cfg: TrainConfig, params, lr: float, device) -> torch.optim.Optimizer:
+    """AdamW with the recipe's hyper-parameters: bitsandbytes 8-bit when asked, else
+    PyTorch's fused kernel where the device has one (same update, fewer launches)."""
+    kwargs = dict(
+        lr=lr,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        weight_decay=cfg.adam_weight_decay,
+        eps=cfg.adam_epsilon,
+    )
+    if cfg.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    fused = torch.device(device).type in ("cuda", "cpu")
+    return torch.optim.AdamW(params, fused=fused, **kwargs)
