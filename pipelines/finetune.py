@@ -46,11 +46,7 @@ def build_pipeline(params: Params):
             pack_params=pack_params,
         )
         pack.set_display_name("pack")
-        cache = ops.cache_op(
-            cache_params=cache_params,
-            shards=pack.outputs["shards"],
-            base_model=base.outputs["base_model"],
-        ).set_display_name("cache")
+        cache = _cache(ops, params.pipeline.cache_workers, cache_params, pack, base)
         train = ops.train_op(
             train_params=train_params,
             checkpoint_dir=checkpoint_dir,
@@ -71,3 +67,20 @@ def build_pipeline(params: Params):
         ).set_display_name("publish")
 
     return finetune
+
+
+def _cache(ops, workers: int, cache_params, pack, base):
+    """One cache task, or `workers` in a ParallelFor (disjoint shards) and a merge."""
+    inputs = dict(shards=pack.outputs["shards"], base_model=base.outputs["base_model"])
+    if workers <= 1:
+        return ops.cache_op(cache_params=cache_params, **inputs).set_display_name("cache")
+    with dsl.ParallelFor(items=list(range(workers)), name="cache-workers") as index:
+        worker = ops.cache_worker_op(
+            cache_params=cache_params, worker_index=index, num_workers=workers, **inputs
+        ).set_display_name("cache-worker")
+    merge = ops.cache_merge_op(
+        num_workers=workers,
+        shards=pack.outputs["shards"],
+        parts=dsl.Collected(worker.outputs["part"]),
+    )
+    return merge.set_display_name("cache-merge")

@@ -8,6 +8,7 @@ The image is a compile-time setting, so the components are made by `make_ops(ima
 """
 
 from types import SimpleNamespace
+from typing import List  # noqa: UP035 - KFP reads the annotation and wants typing.List
 
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
@@ -64,6 +65,51 @@ def cache_op(
         Path(latents.path),
     )
     print(report.summary())
+
+
+def cache_worker_op(
+    cache_params: str,
+    worker_index: int,
+    num_workers: int,
+    shards: Input[Dataset],
+    base_model: Input[Model],
+    part: Output[Dataset],
+):
+    import json
+    from pathlib import Path
+
+    from components import cache_latents as stage
+    from components.common.config import CacheConfig, validate_section
+
+    report = stage.run(
+        validate_section(CacheConfig, json.loads(cache_params), "cache"),
+        Path(shards.path),
+        Path(base_model.path),
+        Path(part.path),
+        worker_index=worker_index,
+        num_workers=num_workers,
+    )
+    print(report.summary())
+
+
+def cache_merge_op(
+    num_workers: int,
+    shards: Input[Dataset],
+    parts: Input[List[Dataset]],  # noqa: UP006
+    latents: Output[Dataset],
+):
+    import shutil
+    from pathlib import Path
+
+    from components import cache_latents as stage
+
+    out = Path(latents.path)
+    out.mkdir(parents=True, exist_ok=True)
+    for part in parts:
+        for path in Path(part.path).iterdir():
+            shutil.copy2(path, out / path.name)
+    manifest = stage.merge(Path(shards.path), out, count=num_workers)
+    print(f"merged {len(manifest['shards'])} latent shards from {num_workers} workers")
 
 
 def train_op(
@@ -146,7 +192,16 @@ def publish_op(
 
 def make_ops(image: str) -> SimpleNamespace:
     """The components above, bound to the project image `image`."""
-    funcs = (base_model_op, pack_op, cache_op, train_op, evaluate_op, publish_op)
+    funcs = (
+        base_model_op,
+        pack_op,
+        cache_op,
+        cache_worker_op,
+        cache_merge_op,
+        train_op,
+        evaluate_op,
+        publish_op,
+    )
     return SimpleNamespace(
         **{f.__name__: dsl.component(f, base_image=image, install_kfp_package=False) for f in funcs}
     )

@@ -40,6 +40,16 @@ def test_components_are_thin_and_run_the_project_image():
         "publish-op",
     }
     assert tasks["train-op"]["dependentTasks"] == ["base-model-op", "cache-op"]
+
+
+def test_cache_workers_compile_to_a_parallel_for_and_a_merge(tmp_path):
+    params = load_params(REPO / "params.yaml", ["pipeline.cache_workers=4"])
+    spec = yaml.safe_load(compile_pipeline(params, tmp_path / "p.yaml").read_text())
+    tasks = spec["root"]["dag"]["tasks"]
+    assert "cache-merge-op" in tasks and "cache-op" not in tasks
+    loop = next(t for name, t in tasks.items() if name.startswith("for-loop"))
+    assert loop["parameterIterator"]["items"]["raw"] == "[0, 1, 2, 3]"
+    assert tasks["train-op"]["dependentTasks"] == ["base-model-op", "cache-merge-op"]
     defaults = spec["root"]["inputDefinitions"]["parameters"]
     assert json.loads(defaults["train_params"]["defaultValue"]) == params.train.model_dump()
 
@@ -56,11 +66,17 @@ def test_run_local_completes_with_every_artifact(tmp_path, sample_source, monkey
             "evaluate.num_inference_steps=1",
             "evaluate.prompts=[a red circle]",
             "pack.val_fraction=0.2",
+            "pack.shard_max_samples=8",
+            "pipeline.cache_workers=2",  # the ParallelFor + merge path (default: one task)
             f"publish.registry={tmp_path / 'registry'}",
         ],
     )
     result = run_local(params, tmp_path / "root")
     run_dir = next(Path(result["root"]).iterdir())
+    latents = json.loads((run_dir / "cache-merge-op" / "latents" / "manifest.json").read_text())
+    packed = json.loads((run_dir / "pack-op" / "shards" / "manifest.json").read_text())
+    assert [e["source_name"] for e in latents["shards"]] == [e["name"] for e in packed["shards"]]
+    assert sum(latents["samples"].values()) == 48
     assert (run_dir / "train-op" / "model" / "unet").is_dir()
     assert (run_dir / "evaluate-op" / "evaluation" / "grid.png").is_file()
     receipt = json.loads((run_dir / "publish-op" / "receipt" / "receipt.json").read_text())

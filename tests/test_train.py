@@ -319,3 +319,31 @@ def test_two_gloo_processes_equal_one_with_twice_the_batch(latents, tiny_model, 
     # rounding up to full-size steps on near-zero gradients; 0.12% measured.
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
     assert rel < 0.01
+
+
+def test_crash_while_saving_keeps_the_previous_checkpoint(
+    latents, tiny_model, tmp_path, monkeypatch
+):
+    from components.train_unet import checkpoints
+
+    cfg = TRAIN.model_copy(
+        update={"max_train_steps": 4, "checkpointing_steps": 2, "report_to": "none"}
+    )
+    real_save, calls = torch.save, []
+
+    def disk_full_on_second(obj, path, *a, **k):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("No space left on device")
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(checkpoints.torch, "save", disk_full_on_second)
+    with pytest.raises(OSError, match="No space left"):
+        train_unet.run(cfg, latents, tiny_model, tmp_path / "m", tmp_path / "r", tmp_path / "c")
+    assert [p.name for p in (tmp_path / "c").iterdir()] == ["checkpoint-2"]
+    assert checkpoints.committed(tmp_path / "c")[0].name == "checkpoint-2"
+    monkeypatch.setattr(checkpoints.torch, "save", real_save)
+    report = train_unet.run(
+        cfg, latents, tiny_model, tmp_path / "m", tmp_path / "r", tmp_path / "c"
+    )
+    assert report.resumed_from_step == 2 and report.steps == 4

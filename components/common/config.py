@@ -192,6 +192,8 @@ class PipelineConfig(Section):
     host: str | None = None
     experiment: str = "t2i-finetune"
     schedule_cron: str = "0 0 3 * * 1"
+    # >1: the cache stage runs as this many parallel tasks (disjoint shards) + a merge.
+    cache_workers: int = Field(1, ge=1, le=256)
 
     @field_validator("image")
     @classmethod
