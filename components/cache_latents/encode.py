@@ -57,7 +57,9 @@ class LatentEncoder:
         self.cfg, self.device = cfg, device or default_device()
         vae = load_vae(model).eval()
         self.dtype = vae_compute_dtype(cfg, self.device, vae.config.get("force_upcast", False))
-        self.vae = vae.to(self.device, self.dtype)
+        self.vae = vae.to(self.device)
+        if self.dtype != torch.float32:  # (a no-op cast still makes diffusers warn)
+            self.vae = self.vae.to(dtype=self.dtype)
         if cfg.vae_slicing:
             self.vae.enable_slicing()
         if cfg.vae_tiling:
