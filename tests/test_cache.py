@@ -286,3 +286,19 @@ def test_corrupt_or_missing_latent_shard_is_named(latents, tmp_path):
     victim.unlink()
     with pytest.raises(T2IError, match=f"{victim.name}: shard missing"):
         cache_latents.verify(copy)
+
+
+def test_vae_dtype_rules_and_slicing(shards, tiny_model, latents, tmp_path):
+    from components.cache_latents.encode import vae_compute_dtype
+
+    cfg = CACHE
+    assert vae_compute_dtype(cfg, "cpu", True) == torch.float32  # auto on CPU
+    assert vae_compute_dtype(cfg, "cuda", True) == torch.bfloat16  # auto on CUDA
+    fp16 = cfg.model_copy(update={"vae_dtype": "fp16"})
+    assert vae_compute_dtype(fp16, "cuda", True) == torch.float32  # force_upcast
+    assert vae_compute_dtype(fp16, "cuda", False) == torch.float16
+    sliced = CACHE.model_copy(update={"vae_slicing": True, "vae_tiling": True})
+    cache_latents.run(sliced, shards, tiny_model, tmp_path / "lat")
+    a, b = (cache_latents.load_split(d, "val") for d in (tmp_path / "lat", latents))
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x["mean"], y["mean"], rtol=1e-5, atol=1e-5)

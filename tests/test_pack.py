@@ -458,3 +458,17 @@ def test_shard_bytes_are_exactly_tarfiles(tmp_path):
     assert [r["__key__"] for r in read_shard(tmp_path / "ours.tar")] == [
         s["__key__"] for s in samples
     ]
+
+
+def test_shards_are_readable_by_the_webdataset_library(shards):
+    """Users can stream our shards with `webdataset` itself, keys and all."""
+    import webdataset as wds
+
+    manifest = json.loads((shards / "manifest.json").read_text())
+    urls = [str(shards / s["name"]) for s in manifest["shards"]]
+    seen = list(
+        wds.WebDataset(urls, shardshuffle=False).decode("pil").to_tuple("__key__", "png", "txt")
+    )
+    assert len(seen) == sum(s["samples"] for s in manifest["shards"])
+    key, image, caption = seen[0]
+    assert image.mode == "RGB" and caption.startswith("a ") and len(key) == 16

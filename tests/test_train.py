@@ -347,3 +347,18 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(
         cfg, latents, tiny_model, tmp_path / "m", tmp_path / "r", tmp_path / "c"
     )
     assert report.resumed_from_step == 2 and report.steps == 4
+
+
+def test_module_entry_point_for_accelerate_launch():
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    done = subprocess.run(
+        [sys.executable, "-m", "components.train_unet", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0 and "--num-processes" in done.stdout
