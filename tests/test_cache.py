@@ -141,8 +141,10 @@ def test_text_embeddings_are_the_text_encoders_and_used_by_training(shards, tiny
 def test_rerun_and_runtime_settings_reuse_every_shard(shards, tiny_model, latents, tmp_path):
     out = tmp_path / "latents"
     shutil.copytree(latents, out)
+    (out / "notes.txt").write_text("a user's file")
     before = mtimes(out)
     report = cache_latents.run(CACHE, shards, tiny_model, out)
+    assert (out / "notes.txt").read_text() == "a user's file"  # only our files are pruned
     assert report.shards_encoded == 0 and report.shards_reused == len(manifest(out)["shards"])
     report = cache_latents.run(CACHE.model_copy(update={"batch_size": 3}), shards, tiny_model, out)
     assert report.shards_encoded == 0

@@ -160,8 +160,11 @@ def merge(shards: Path, out: Path, count: int | None = None) -> dict:
     write_json_atomic(out / MANIFEST, manifest)
     listed = {MANIFEST} | {e["name"] for e in manifest["shards"]}
     listed |= {e["name"] + RECEIPT for e in manifest["shards"]}
-    for path in out.iterdir():
-        if path.is_file() and path.name not in listed:
+    for path in out.iterdir():  # only what this stage writes: never a user's file
+        ours = path.name.endswith((".tar", ".tar" + RECEIPT, ".tmp")) or path.name.startswith(
+            "part-"
+        )
+        if path.is_file() and ours and path.name not in listed:
             path.unlink()
     return manifest
 

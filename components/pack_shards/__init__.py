@@ -119,7 +119,7 @@ def process(todo: list[Sample], cfg: PackConfig) -> Iterator[tuple[str, Packed |
     worker processes, with a progress bar."""
     from tqdm import tqdm
 
-    workers = cfg.num_workers or os.cpu_count() or 1
+    workers = cfg.num_workers or available_cores()
     workers = min(workers, max(1, len(todo) // 8))
     bar = tqdm(total=len(todo), desc="pack", unit="img", disable=not todo)
     if workers <= 1:
@@ -137,6 +137,14 @@ def process(todo: list[Sample], cfg: PackConfig) -> Iterator[tuple[str, Packed |
         bar.close()
         if pool is not None:
             pool.terminate()
+
+
+def available_cores() -> int:
+    """Cores this process may use (a container's CPU set, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 _WORKER_CFG: PackConfig | None = None
