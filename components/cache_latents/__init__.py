@@ -192,8 +192,7 @@ def _encode_job(job: dict, encoder: LatentEncoder, shards: Path, out: Path, bar)
         raise T2IError(
             f"{shards / job['name']}: {len(records)} samples, manifest says {job['samples']}"
         )
-    write_shard(out / job["file"], records)
-    receipt = {"key": job["key"], "sha256": sha256_file(out / job["file"])}
+    receipt = {"key": job["key"], "sha256": write_shard(out / job["file"], records)}
     write_json_atomic(out / (job["file"] + RECEIPT), receipt)
     return []
 

@@ -6,6 +6,7 @@ samples always give the same bytes, hence the same sha256 in the manifest.
 
 from __future__ import annotations
 
+import hashlib
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,14 +15,17 @@ from components.common.errors import T2IError
 from components.common.io import atomic_path
 
 
-def write_shard(path: Path, samples: list[dict[str, bytes]]) -> None:
+def write_shard(path: Path, samples: list[dict[str, bytes]]) -> str:
     """Write samples (each: {"__key__": str, ext: bytes, ...}) as a tar, atomically.
 
     The bytes are those of `tarfile` in USTAR format with the fixed metadata above;
     headers are built directly because `tarfile` spends more time on them than on
-    the data (it was the largest serial cost of `t2i pack`).
+    the data (it was the largest serial cost of `t2i pack`). Returns the file's
+    sha256, hashed while writing.
     """
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    digest = hashlib.sha256()
+    with atomic_path(path) as tmp, open(tmp, "wb") as raw:
+        f = _Hashing(raw, digest)
         written = 0
         for sample in samples:
             key = sample["__key__"]
@@ -35,6 +39,18 @@ def write_shard(path: Path, samples: list[dict[str, bytes]]) -> None:
                 written += len(header) + len(data) + padding
         end = written + 2 * BLOCK
         f.write(b"\0" * (2 * BLOCK + -end % tarfile.RECORDSIZE))
+    return digest.hexdigest()
+
+
+class _Hashing:
+    """A write-only file that hashes what passes through it."""
+
+    def __init__(self, file, digest):
+        self.file, self.digest = file, digest
+
+    def write(self, data: bytes) -> None:
+        self.digest.update(data)
+        self.file.write(data)
 
 
 BLOCK = tarfile.BLOCKSIZE

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from components.common.config import DataConfig, PackConfig
 from components.common.errors import T2IError
-from components.common.io import sha256_file, write_bytes_atomic
+from components.common.io import write_bytes_atomic
 from components.common.shards import write_shard
 from components.pack_shards.decode import Packed, pack_sample
 from components.pack_shards.plan import (
@@ -78,6 +78,14 @@ def run(data: DataConfig, cfg: PackConfig, source: Path, out: Path) -> PackRepor
     """
     out = Path(out)
     fmt, samples = list_samples(Path(source), data)
+    try:
+        return _pack(data, cfg, Path(source), out, fmt, samples)
+    finally:  # the workers' spool files, whatever happened
+        for spool in out.glob(".spool-*"):
+            spool.unlink()
+
+
+def _pack(data, cfg, source: Path, out: Path, fmt: str, samples: list[Sample]) -> PackReport:
     previous = PreviousPack.load(out, cfg, fmt)
     # Nothing to compare with: every sample is processed and the workers, which read
     # the bytes anyway, fingerprint them. Otherwise fingerprints decide what to redo.
@@ -85,7 +93,7 @@ def run(data: DataConfig, cfg: PackConfig, source: Path, out: Path) -> PackRepor
     todo = samples if previous.empty else previous.todo(samples, fps)
     started = time.perf_counter()
     fresh = {}
-    for sample, (fp, result) in zip(todo, process(todo, cfg), strict=True):
+    for sample, (fp, result) in zip(todo, process(todo, cfg, out), strict=True):
         fps[sample.key], fresh[sample.key] = fp, result
     rate = len(todo) / max(time.perf_counter() - started, 1e-9)
     plan = plan_pack(samples, fps, previous, fresh, cfg)
@@ -114,9 +122,13 @@ def run(data: DataConfig, cfg: PackConfig, source: Path, out: Path) -> PackRepor
     )
 
 
-def process(todo: list[Sample], cfg: PackConfig) -> Iterator[tuple[str, Packed | str]]:
+def process(todo: list[Sample], cfg: PackConfig, out: Path) -> Iterator[tuple[str, Packed | str]]:
     """(fingerprint, record or rejection) for each of `todo`, in order, computed in
-    worker processes, with a progress bar."""
+    worker processes, with a progress bar.
+
+    Workers append the encoded bytes to a spool file of their own in `out` and send
+    back offsets: piping every ~100 KB record through the pool cost the light case
+    (no resize) 10-20% of its throughput on 2 cores."""
     from tqdm import tqdm
 
     workers = cfg.num_workers or available_cores()
@@ -126,7 +138,8 @@ def process(todo: list[Sample], cfg: PackConfig) -> Iterator[tuple[str, Packed |
         results = (fingerprint_and_pack(s, cfg) for s in todo)
         pool = None
     else:  # the config travels once per worker, not with every sample
-        pool = multiprocessing.get_context().Pool(workers, _init_worker, (cfg,))
+        out.mkdir(parents=True, exist_ok=True)
+        pool = multiprocessing.get_context().Pool(workers, _init_worker, (cfg, out))
         chunk = max(1, min(16, len(todo) // workers // 4))
         results = pool.imap(_pack_in_worker, todo, chunksize=chunk)
     try:
@@ -147,16 +160,56 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-_WORKER_CFG: PackConfig | None = None
+_WORKER: dict = {}
 
 
-def _init_worker(cfg: PackConfig) -> None:
-    global _WORKER_CFG
-    _WORKER_CFG = cfg
+def _init_worker(cfg: PackConfig, out: Path) -> None:
+    _WORKER["cfg"] = cfg
+    _WORKER["spool"] = Spool(out / f".spool-{os.getpid()}")
 
 
 def _pack_in_worker(sample: Sample) -> tuple[str, Packed | str]:
-    return fingerprint_and_pack(sample, _WORKER_CFG)
+    fp, result = fingerprint_and_pack(sample, _WORKER["cfg"])
+    if isinstance(result, Packed):
+        result.record = _WORKER["spool"].put(result.record)
+    return fp, result
+
+
+class Spool:
+    """An append-only temp file of record bytes; `put` returns references to them."""
+
+    def __init__(self, path: Path):
+        self.path, self.file, self.offset = path, open(path, "ab"), 0
+
+    def put(self, record: dict[str, bytes]) -> dict:
+        refs = {"__key__": record["__key__"]}
+        for ext, data in record.items():
+            if ext != "__key__":
+                self.file.write(data)
+                refs[ext] = SpoolRef(str(self.path), self.offset, len(data))
+                self.offset += len(data)
+        self.file.flush()  # the main process reads it after the pool is done
+        return refs
+
+
+@dataclass(frozen=True)
+class SpoolRef:
+    path: str
+    offset: int
+    size: int
+
+    def __len__(self) -> int:
+        return self.size
+
+    def read(self, files: dict) -> bytes:
+        """The bytes, through `files` (path -> open file), so each spool opens once."""
+        f = files.get(self.path) or files.setdefault(self.path, open(self.path, "rb"))
+        f.seek(self.offset)
+        return f.read(self.size)
+
+
+def _materialise(record: dict, files: dict) -> dict[str, bytes]:
+    return {k: v.read(files) if isinstance(v, SpoolRef) else v for k, v in record.items()}
 
 
 def fingerprint_and_pack(sample: Sample, cfg: PackConfig) -> tuple[str, Packed | str]:
@@ -170,7 +223,7 @@ def write_plan(plan: Plan, previous: PreviousPack, fresh: dict, out: Path) -> di
     Returns {name: manifest entry} of the shards written. Records of samples kept
     from an old shard are copied from it, never decoded again.
     """
-    written = {}
+    written, spools = {}, {}
     serial = max(previous.next_serial, _max_serial(out) + 1)
     for shard in plan.to_write:
         name = f"{shard.split}-{serial:06d}.tar"
@@ -179,16 +232,22 @@ def write_plan(plan: Plan, previous: PreviousPack, fresh: dict, out: Path) -> di
         copied = previous.records(shard.copy_from) if shard.copy_from else {}
         for member in shard.members:
             new = fresh.get(member["key"])
-            records.append(new.record if isinstance(new, Packed) else copied[member["key"]])
-        write_shard(out / name, records)
+            records.append(
+                _materialise(new.record, spools)
+                if isinstance(new, Packed)
+                else copied[member["key"]]
+            )
+        sha256 = write_shard(out / name, records)
         write_bytes_atomic(out / (name + INDEX_SUFFIX), _json_bytes(shard.members))
         written[name] = {
             "name": name,
             "split": shard.split,
             "samples": len(records),
             "bytes": (out / name).stat().st_size,
-            "sha256": sha256_file(out / name),
+            "sha256": sha256,
         }
+    for f in spools.values():
+        f.close()
     if written:
         plan.next_serial = serial
     return written

@@ -18,6 +18,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,11 +164,16 @@ def list_captioned_folder(source: Path, data: DataConfig) -> list[Sample]:
     """Every image below `source`, its caption from the same-name .txt file."""
     _require_dir(source)
     samples = []
-    for path in sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTS):
-        txt = path.with_suffix(".txt")
-        caption = txt.read_bytes() if txt.is_file() else MISSING
-        samples.append(_file_sample(source, path, caption))
-    return samples
+    for folder, _, files in os.walk(source):  # one listing per folder, no stat per file
+        names = set(files)
+        for name in files:
+            stem, ext = os.path.splitext(name)
+            if ext.lower() not in IMAGE_EXTS:
+                continue
+            txt = Path(folder, stem + ".txt")
+            caption = txt.read_bytes() if stem + ".txt" in names else MISSING
+            samples.append(_file_sample(source, Path(folder, name), caption))
+    return sorted(samples, key=lambda s: s.source)
 
 
 # -- datasets: save_to_disk, parquet, hub names -----------------------------------
