@@ -135,23 +135,11 @@ def run(
 
 def _prepare(cfg, latents, manifest, model, reports, checkpoint_dir) -> Run:
     """Accelerator, data stream, models, optimizer and LR schedule; the run fingerprint."""
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
     from diffusers.optimization import get_scheduler
 
     if cfg.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),  # so torchrun on CPU means gloo DDP, not N copies
-        mixed_precision=cfg.mixed_precision,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        log_with=None if cfg.report_to == "none" else cfg.report_to,
-        project_config=ProjectConfiguration(
-            project_dir=str(reports), logging_dir=str(reports / cfg.logging_dir)
-        ),
-    )
-    if accelerator.is_main_process and cfg.report_to != "none":
-        accelerator.init_trackers(cfg.tracker_project_name, config=tracker_config(cfg))
+    accelerator = _accelerator(cfg, reports)
     models = load_models(cfg, model, accelerator.device, manifest)
     stream = LatentStream.from_manifest(
         latents,
@@ -209,6 +197,26 @@ def _prepare(cfg, latents, manifest, model, reports, checkpoint_dir) -> Run:
         reports,
         manifest.get("resolution", 512),
     )
+
+
+def _accelerator(cfg: TrainConfig, reports: Path):
+    """Accelerate with the run's precision, accumulation and trackers (TensorBoard logs
+    under `reports/logging_dir`)."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),  # so torchrun on CPU means gloo DDP, not N copies
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=str(reports), logging_dir=str(reports / cfg.logging_dir)
+        ),
+    )
+    if accelerator.is_main_process and cfg.report_to != "none":
+        accelerator.init_trackers(cfg.tracker_project_name, config=tracker_config(cfg))
+    return accelerator
 
 
 def _max_steps(cfg: TrainConfig, stream: LatentStream) -> int:
@@ -297,6 +305,7 @@ def _show(acc, bar, log: LossLog, rate: float) -> None:
 
 def _checkpoint(r: Run, step: int, log: LossLog) -> None:
     epoch, batch = r.stream.position(step * r.cfg.gradient_accumulation_steps)
+    log.flush()  # the history goes into the checkpoint
     checkpoints.save(
         r.checkpoint_dir,
         step,
@@ -306,7 +315,7 @@ def _checkpoint(r: Run, step: int, log: LossLog) -> None:
         r.lr_scheduler,
         r.accelerator.scaler,
         r.cfg.checkpoints_total_limit,
-        (log.flush(), log.rows)[1],
+        log.rows,
         ema=r.models.ema,
         data_position={"epoch": epoch, "batch": batch},
     )
