@@ -152,16 +152,13 @@ class LatentStream:
     def batches(self, start: int) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         """Decoded batches from micro-step `start`, prefetched by `workers` threads."""
         pool = ThreadPoolExecutor(self.workers) if self.workers else None
-        decoded = (
-            (
-                step,
-                self._collate(
-                    step, list(pool.map(_decode, rows)) if pool else [_decode(r) for r in rows]
-                ),
-            )
-            for step, rows in self._raw_batches(start)
-        )
-        return _prefetch(decoded, 2 * self.workers) if pool else decoded
+        decode = pool.map if pool else map
+
+        def decoded():
+            for step, rows in self._raw_batches(start):
+                yield step, self._collate(step, list(decode(_decode, rows)))
+
+        return _prefetch(decoded(), 2 * self.workers) if pool else decoded()
 
     def _collate(self, step: int, samples: list[dict[str, torch.Tensor]]) -> dict:
         """Stack this rank's rows, choosing the flipped view and empty prompts."""
