@@ -362,3 +362,10 @@ def test_module_entry_point_for_accelerate_launch():
         text=True,
     )
     assert done.returncode == 0 and "--num-processes" in done.stdout
+
+
+def test_non_ema_revision_needs_a_hub_model(latents, tiny_model, tmp_path):
+    cfg = TRAIN.model_copy(update={"use_ema": True, "non_ema_revision": "abc123"})
+    with pytest.raises(ConfigError, match="non_ema_revision needs a hub model"):
+        train_unet.run(cfg, latents, tiny_model, tmp_path / "m")
+    assert not (tmp_path / "m").exists()

@@ -30,34 +30,37 @@ def check_model_dir(path: Path, parts: tuple[str, ...] = PARTS) -> Path:
     return path
 
 
-def load_vae(path: Path):
+# `options` go to `from_pretrained` (e.g. variant="fp16").
+
+
+def load_vae(path: Path, **options):
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL.from_pretrained(check_model_dir(path), subfolder="vae")
+    return AutoencoderKL.from_pretrained(check_model_dir(path), subfolder="vae", **options)
 
 
-def load_unet(path: Path):
+def load_unet(path: Path, **options):
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel.from_pretrained(check_model_dir(path), subfolder="unet")
+    return UNet2DConditionModel.from_pretrained(check_model_dir(path), subfolder="unet", **options)
 
 
-def load_text_encoder(path: Path):
+def load_text_encoder(path: Path, **options):
     from transformers import CLIPTextModel
 
-    return CLIPTextModel.from_pretrained(check_model_dir(path), subfolder="text_encoder")
+    return CLIPTextModel.from_pretrained(check_model_dir(path), subfolder="text_encoder", **options)
 
 
-def load_tokenizer(path: Path):
+def load_tokenizer(path: Path, **options):
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer.from_pretrained(check_model_dir(path), subfolder="tokenizer")
+    return CLIPTokenizer.from_pretrained(check_model_dir(path), subfolder="tokenizer", **options)
 
 
-def load_noise_scheduler(path: Path):
+def load_noise_scheduler(path: Path, **options):
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler.from_pretrained(check_model_dir(path), subfolder="scheduler")
+    return DDPMScheduler.from_pretrained(check_model_dir(path), subfolder="scheduler", **options)
 
 
 def weights_sha256(path: Path, part: str) -> str:

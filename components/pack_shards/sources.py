@@ -76,14 +76,16 @@ def detect_format(source: Path, data: DataConfig) -> str:
         raise ConfigError(f"data.source {str(source)!r}: not a folder, .tar or .parquet file")
     if (source / "dataset_info.json").is_file() or (source / "dataset_dict.json").is_file():
         return "datasets"
-    if next(source.rglob("metadata.jsonl"), None) or next(source.rglob("metadata.csv"), None):
-        return "imagefolder"
-    if next(source.rglob("*.parquet"), None):
-        return "datasets"
-    if next(source.rglob("*.tar"), None):
-        return "webdataset"
-    if any(p.suffix.lower() in IMAGE_EXTS for p in source.rglob("*")):
-        return "captions"
+    found = set()  # one walk; metadata decides at once, the rest by precedence
+    for _, _, files in os.walk(source):
+        for name in files:
+            if name in ("metadata.jsonl", "metadata.csv"):
+                return "imagefolder"
+            ext = os.path.splitext(name)[1].lower()
+            found.add("image" if ext in IMAGE_EXTS else ext)
+    for marker, fmt in ((".parquet", "datasets"), (".tar", "webdataset"), ("image", "captions")):
+        if marker in found:
+            return fmt
     raise ConfigError(
         f"data.source {str(source)!r}: empty, or no images, metadata, parquet or .tar files"
     )

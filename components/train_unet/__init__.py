@@ -103,9 +103,9 @@ def run(
     out = Path(out)
     reports = Path(reports) if reports else out.parent / "train"
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else out.parent / "checkpoints"
-    model = resolve_model(cfg, model)
+    model, trained_unet = resolve_model(cfg, model)
     manifest = verify(latents)  # every shard's checksum, before step 0
-    r = _prepare(cfg, Path(latents), manifest, model, reports, checkpoint_dir)
+    r = _prepare(cfg, Path(latents), manifest, (model, trained_unet), reports, checkpoint_dir)
     step, history = 0, []
     resume = checkpoints.find_resume(checkpoint_dir, cfg.resume_from_checkpoint, r.fingerprint)
     if resume is not None:
@@ -133,14 +133,16 @@ def run(
     return report
 
 
-def _prepare(cfg, latents, manifest, model, reports, checkpoint_dir) -> Run:
-    """Accelerator, data stream, models, optimizer and LR schedule; the run fingerprint."""
+def _prepare(cfg, latents, manifest, models_at, reports, checkpoint_dir) -> Run:
+    """Accelerator, data stream, models, optimizer and LR schedule; the run fingerprint.
+    `models_at`: (model folder, folder of the UNet to train)."""
+    model, trained_unet = models_at
     from diffusers.optimization import get_scheduler
 
     if cfg.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     accelerator = _accelerator(cfg, reports)
-    models = load_models(cfg, model, accelerator.device, manifest)
+    models = load_models(cfg, model, trained_unet, accelerator.device, manifest)
     stream = LatentStream.from_manifest(
         latents,
         manifest,
@@ -177,7 +179,7 @@ def _prepare(cfg, latents, manifest, model, reports, checkpoint_dir) -> Run:
         {
             "config": cfg.model_dump(exclude=_NOT_IN_FINGERPRINT),
             "latents": [s["sha256"] for s in manifest["shards"]],
-            "base_unet": weights_sha256(model, "unet"),
+            "base_unet": weights_sha256(trained_unet, "unet"),
             "processes": accelerator.num_processes,
             "streams": stream.streams,
         }
@@ -242,6 +244,7 @@ def train_steps(r: Run, step: int, max_steps: int, log: LossLog) -> LossLog:
     )
     started, images, micro_losses = time.perf_counter(), 0, []
     epoch = r.stream.position(step * cfg.gradient_accumulation_steps)[0]
+    epoch_ends = r.stream.micro_steps_for_epochs(epoch + 1)
     for micro_step, batch in r.stream.batches(step * cfg.gradient_accumulation_steps):
         if step >= max_steps:
             break
@@ -276,9 +279,9 @@ def train_steps(r: Run, step: int, max_steps: int, log: LossLog) -> LossLog:
             _show(acc, bar, log, images / (time.perf_counter() - started))
         if step % cfg.checkpointing_steps == 0 and acc.is_main_process:
             _checkpoint(r, step, log)
-        now = r.stream.position(micro_step + 1)[0]
-        if now > epoch:
-            epoch = now
+        if micro_step + 1 >= epoch_ends:  # (accumulation can straddle the end)
+            epoch = r.stream.position(micro_step + 1)[0]
+            epoch_ends = r.stream.micro_steps_for_epochs(epoch + 1)
             _maybe_validate(r, step, epoch)
     bar.close()
     return log

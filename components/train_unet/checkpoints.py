@@ -71,16 +71,20 @@ def find_resume(root: Path, resume: str | None, fingerprint: str) -> Path | None
     if resume is None:
         return None
     if resume != "latest":
-        path = Path(resume)
-        if not (path / MARKER).is_file():
-            raise ConfigError(
-                f"train.resume_from_checkpoint {resume!r}: no committed checkpoint there"
-            )
-        return path
+        return require_committed(resume)
     for path in reversed(committed(root)):
         if json.loads((path / "state.json").read_text())["fingerprint"] == fingerprint:
             return path
     return None
+
+
+def require_committed(path: str | Path) -> Path:
+    """`path` if it is a committed checkpoint, else ConfigError naming the key."""
+    if not (Path(path) / MARKER).is_file():
+        raise ConfigError(
+            f"train.resume_from_checkpoint {str(path)!r}: no committed checkpoint there"
+        )
+    return Path(path)
 
 
 def load(path: Path, unet, optimizer, lr_scheduler, scaler, ema=None) -> int:

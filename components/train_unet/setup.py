@@ -15,7 +15,14 @@ import torch
 
 from components.common.config import TrainConfig
 from components.common.errors import ConfigError, T2IError
-from components.common.models import check_model_dir, weights_sha256
+from components.common.models import (
+    check_model_dir,
+    load_noise_scheduler,
+    load_text_encoder,
+    load_tokenizer,
+    load_unet,
+    weights_sha256,
+)
 
 WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -47,21 +54,34 @@ def check_environment(cfg: TrainConfig, cuda: bool | None = None) -> None:
         raise ConfigError(f"train.resume_from_checkpoint {resume!r}: no committed checkpoint there")
 
 
-def resolve_model(cfg: TrainConfig, stage_model: Path) -> Path:
-    """The folder to train from: `pretrained_model_name_or_path` or the stage's model."""
+def resolve_model(cfg: TrainConfig, stage_model: Path) -> tuple[Path, Path]:
+    """(model folder, folder whose `unet/` is trained). The second differs only for a hub
+    model with `non_ema_revision` (with `use_ema`): the recipe trains that revision's
+    UNet while the EMA starts from `revision`'s."""
     name = cfg.pretrained_model_name_or_path
-    if name is None:
-        return check_model_dir(Path(stage_model))
-    if Path(name).is_dir():
-        return check_model_dir(Path(name))
+    if name is None or Path(name).is_dir():
+        if cfg.non_ema_revision:
+            raise ConfigError(
+                "train.non_ema_revision needs a hub model in pretrained_model_name_or_path; "
+                "a local folder has no revisions"
+            )
+        model = check_model_dir(Path(stage_model if name is None else name))
+        return model, model
+    model = _download(name, cfg.revision)
+    if cfg.non_ema_revision:
+        return model, _download(name, cfg.non_ema_revision, ["unet/*", "model_index.json"])
+    return model, model
+
+
+def _download(name: str, revision: str | None, patterns: list[str] | None = None) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(name, revision=cfg.revision))
+        return Path(snapshot_download(name, revision=revision, allow_patterns=patterns))
     except Exception as e:  # offline, unknown repo, no access
         raise T2IError(
-            f"train.pretrained_model_name_or_path {name!r}: cannot download "
-            f"({type(e).__name__}); offline (HF_HUB_OFFLINE=1) only cached models load"
+            f"train.pretrained_model_name_or_path {name!r} (revision {revision}): cannot "
+            f"download ({type(e).__name__}); offline (HF_HUB_OFFLINE=1) only cached models load"
         ) from None
 
 
@@ -74,12 +94,13 @@ class Models:
     empty_prompt: dict[str, torch.Tensor] | None
 
 
-def load_models(cfg: TrainConfig, model: Path, device, latents_manifest: dict) -> Models:
-    """The trainable UNet (from `non_ema_revision` when set), its EMA, the frozen text
-    encoder and the noise scheduler. T2IError when the latents were made with another
-    VAE than this model's."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+def load_models(
+    cfg: TrainConfig, model: Path, trained_unet: Path, device, latents_manifest: dict
+) -> Models:
+    """The trainable UNet (from `trained_unet`'s folder), its EMA (from `model`'s), the
+    frozen text encoder and the noise scheduler. T2IError when the latents were made
+    with another VAE than this model's."""
+    from diffusers import UNet2DConditionModel
 
     cached_vae = latents_manifest.get("model", {}).get("vae")
     if cached_vae and (model / "vae").is_dir() and weights_sha256(model, "vae") != cached_vae:
@@ -88,19 +109,18 @@ def load_models(cfg: TrainConfig, model: Path, device, latents_manifest: dict) -
             "with this model"
         )
     variant = {"variant": cfg.variant} if cfg.variant else {}
-    noise_scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+    noise_scheduler = load_noise_scheduler(model)
     if cfg.prediction_type:
         noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
     dtype = WEIGHT_DTYPES.get(cfg.mixed_precision, torch.float32)
-    text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", **variant)
+    text_encoder = load_text_encoder(model, **variant)
     text_encoder = text_encoder.requires_grad_(False).eval().to(device, dtype)
-    revision = cfg.non_ema_revision if cfg.use_ema and cfg.non_ema_revision else None
-    unet = _unet(model, revision, variant)
+    unet = load_unet(trained_unet, **variant)
     ema = None
     if cfg.use_ema:
         from diffusers.training_utils import EMAModel
 
-        ema_unet = _unet(model, None, variant)
+        ema_unet = load_unet(model, **variant)
         ema = EMAModel(
             ema_unet.parameters(),
             model_cls=UNet2DConditionModel,
@@ -112,7 +132,7 @@ def load_models(cfg: TrainConfig, model: Path, device, latents_manifest: dict) -
             ema.pin_memory()
     empty = None
     if cfg.proportion_empty_prompts:
-        tok = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+        tok = load_tokenizer(model)
         ids = tok(
             [""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt"
         ).input_ids
@@ -120,16 +140,6 @@ def load_models(cfg: TrainConfig, model: Path, device, latents_manifest: dict) -
             hidden = text_encoder(ids.to(device), return_dict=False)[0]
         empty = {"input_ids": ids[0], "encoder_hidden_states": hidden[0].float().cpu()}
     return Models(unet, text_encoder, noise_scheduler, ema, empty)
-
-
-def _unet(model: Path, revision: str | None, variant: dict):
-    from diffusers import UNet2DConditionModel
-
-    if revision and not Path(model, "unet").is_dir():
-        return UNet2DConditionModel.from_pretrained(
-            model, subfolder="unet", revision=revision, **variant
-        )
-    return UNet2DConditionModel.from_pretrained(model, subfolder="unet", **variant)
 
 
 def make_optimizer(cfg: TrainConfig, params, lr: float, device) -> torch.optim.Optimizer:
