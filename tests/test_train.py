@@ -123,9 +123,22 @@ def test_objective_options_change_the_loss(latents, tiny_model):
     unet, te = load_unet(tiny_model), load_text_encoder(tiny_model)
     sched = load_noise_scheduler(tiny_model)
 
+    class LowTimestepDraws(StepDraws):
+        """The step's draws, with timesteps that include low ones: min-SNR-5 only
+        reweights timesteps whose SNR exceeds 5, and a seed's draws may hold none."""
+
+        def randint(self, high, n):
+            super().randint(high, n)  # keep the generator's sequence as in training
+            return torch.tensor([5, 40, 500, 900])[self.rows]
+
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(sched, torch.tensor([5, 40, 500, 900]))
+    assert (snr > 5).any() and (snr < 5).any()  # the weighting is not a no-op here
+
     def loss(objective):
         torch.manual_seed(0)
-        draws = StepDraws(0, 0, slice(0, 4), "cpu")
+        draws = LowTimestepDraws(0, 0, slice(0, 4), "cpu")
         with torch.no_grad():
             return training_loss(unet, te, sched, batch, draws, 0.18215, 4, "cpu", objective)
 
