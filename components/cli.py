@@ -35,7 +35,7 @@ def _cache(p, a):
 
     if a.merge:
         manifest = cache_latents.merge(a.shards, a.out)
-        return f"merged {len(manifest['shards'])} latent shards -> {a.out}"
+        return f"merged {len(manifest.shards)} latent shards -> {a.out}"
     if (a.worker_index is None) != (a.num_workers is None):
         raise ConfigError("--worker-index and --num-workers go together")
     r = cache_latents.run(p.cache, a.shards, a.model, a.out, a.worker_index, a.num_workers)
@@ -83,10 +83,7 @@ def _evaluate(p, a):
 def _publish(p, a):
     from components import publish
 
-    r = publish.run(p.publish, a.model, a.eval, a.out)
-    if not r["published"]:
-        return f"not published: {r['reason']}"
-    return f"published {r['name']} version {r['version']} -> {r['path']}"
+    return publish.run(p.publish, a.model, a.eval, a.out).summary()
 
 
 def _pipeline(p, a):

@@ -60,13 +60,23 @@ def build_pipeline(params: Params):
             latents=cache.outputs["latents"],
         )
         evaluation.set_display_name("evaluate")
-        ops.publish_op(
+        publish = ops.publish_op(
             publish_params=publish_params,
             model=train.outputs["model"],
             evaluation=evaluation.outputs["evaluation"],
         ).set_display_name("publish")
+        for task in (base, pack, cache, train, evaluation, publish):
+            _name_image(task, params.pipeline.image)
 
     return finetune
+
+
+def _name_image(task, image: str) -> None:
+    """The image reference (and digest, when pinned by one) reach the component's
+    environment, for the lineage the stage records."""
+    task.set_env_variable("T2I_IMAGE", image)
+    if "@" in image:
+        task.set_env_variable("T2I_IMAGE_DIGEST", image.split("@", 1)[1])
 
 
 def _cache(ops, workers: int, cache_params, pack, base):

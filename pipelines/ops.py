@@ -109,7 +109,7 @@ def cache_merge_op(
         for path in Path(part.path).iterdir():
             shutil.copy2(path, out / path.name)
     manifest = stage.merge(Path(shards.path), out, count=num_workers)
-    print(f"merged {len(manifest['shards'])} latent shards from {num_workers} workers")
+    print(f"merged {len(manifest.shards)} latent shards from {num_workers} workers")
 
 
 def train_op(
@@ -187,7 +187,7 @@ def publish_op(
         Path(evaluation.path),
         Path(receipt.path),
     )
-    print(result)
+    print(result.summary())
 
 
 def make_ops(image: str) -> SimpleNamespace:

@@ -13,10 +13,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "data"))
 
-from components import base_model, cache_latents, pack_shards, train_unet  # noqa: E402
+from components import base_model, cache_latents, evaluate, pack_shards, train_unet  # noqa: E402
 from components.common.config import (  # noqa: E402
     CacheConfig,
     DataConfig,
+    EvaluateConfig,
     ModelConfig,
     PackConfig,
     TrainConfig,
@@ -99,3 +100,14 @@ def trained(latents, tiny_model, tmp_path_factory) -> tuple[Path, train_unet.Tra
         TRAIN, latents, tiny_model, root / "model", root / "train", root / "checkpoints"
     )
     return root, report
+
+
+PROMPTS = ["a red circle on a blue background", "a green square on a white background"]
+
+
+@pytest.fixture(scope="session")
+def evaluation(trained, tiny_model, latents, tmp_path_factory):
+    """(eval folder, report) of the trained model against the tiny base model."""
+    out = tmp_path_factory.mktemp("eval") / "eval"
+    cfg = EvaluateConfig(prompts=PROMPTS, num_inference_steps=2)
+    return out, evaluate.run(cfg, trained[0] / "model", tiny_model, latents, out)

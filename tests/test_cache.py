@@ -18,6 +18,7 @@ from components.common.models import (
     load_unet,
     load_vae,
 )
+from components.common.records import load_latent_split, verify_latents
 from components.common.shards import read_shard, write_shard
 from components.train_unet import training_loss
 
@@ -74,7 +75,7 @@ def _recipe_loss(vae, text_encoder, unet, scheduler, pixels, ids, eps, noise, ti
 def _first_sample(shards, latents):
     name = manifest(latents)["shards"][0]
     packed = next(read_shard(shards / name["source_name"]))
-    cached = cache_latents.load_split(latents, name["split"])[0]
+    cached = load_latent_split(latents, name["split"])[0]
     pixels, _ = preprocess(decode_record(packed), CACHE, packed["__key__"])
     return pixels[None], cached
 
@@ -127,7 +128,7 @@ def test_cached_flip_moments_are_the_mirrored_image(shards, latents, tiny_model)
 def test_text_embeddings_are_the_text_encoders_and_used_by_training(shards, tiny_model, tmp_path):
     cfg = CACHE.model_copy(update={"text_embeddings": True})
     cache_latents.run(cfg, shards, tiny_model, tmp_path / "lat")
-    sample = cache_latents.load_split(tmp_path / "lat", "train")[0]
+    sample = load_latent_split(tmp_path / "lat", "train")[0]
     te = load_text_encoder(tiny_model).eval()
     with torch.no_grad():
         hidden = te(sample["input_ids"][None], return_dict=False)[0][0]
@@ -255,7 +256,7 @@ def test_torchrun_two_processes_share_the_work(shards, tiny_model, latents, tmp_
     assert [s["key"] for s in got] == [s["key"] for s in want]
     # torchrun runs each process with one thread: same values, not the same float bits.
     for split in ("train", "val"):
-        got_split, want_split = (cache_latents.load_split(d, split) for d in (out, latents))
+        got_split, want_split = (load_latent_split(d, split) for d in (out, latents))
         for a, b in zip(got_split, want_split, strict=True):
             for name in b:
                 torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-5)
@@ -284,10 +285,10 @@ def test_corrupt_or_missing_latent_shard_is_named(latents, tmp_path):
     data[700] ^= 0xFF  # one flipped bit inside the first sample's tensors
     victim.write_bytes(bytes(data))
     with pytest.raises(T2IError, match=f"{victim.name}: sha256 does not match"):
-        cache_latents.load_split(copy, "train")
+        load_latent_split(copy, "train")
     victim.unlink()
     with pytest.raises(T2IError, match=f"{victim.name}: shard missing"):
-        cache_latents.verify(copy)
+        verify_latents(copy)
 
 
 def test_vae_dtype_rules_and_slicing(shards, tiny_model, latents, tmp_path):
@@ -301,6 +302,6 @@ def test_vae_dtype_rules_and_slicing(shards, tiny_model, latents, tmp_path):
     assert vae_compute_dtype(fp16, "cuda", False) == torch.float16
     sliced = CACHE.model_copy(update={"vae_slicing": True, "vae_tiling": True})
     cache_latents.run(sliced, shards, tiny_model, tmp_path / "lat")
-    a, b = (cache_latents.load_split(d, "val") for d in (tmp_path / "lat", latents))
+    a, b = (load_latent_split(d, "val") for d in (tmp_path / "lat", latents))
     for x, y in zip(a, b, strict=True):
         torch.testing.assert_close(x["mean"], y["mean"], rtol=1e-5, atol=1e-5)

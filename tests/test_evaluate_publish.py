@@ -1,19 +1,17 @@
 import json
+import multiprocessing
+import shutil
+import stat
 
 import pytest
 from PIL import Image
 
 from components import evaluate, publish
 from components.common.config import EvaluateConfig, PublishConfig
+from components.common.errors import T2IError
+from components.common.records import read_evaluation_record, read_receipt
 
-PROMPTS = ["a red circle on a blue background", "a green square on a white background"]
-
-
-@pytest.fixture(scope="module")
-def evaluation(trained, tiny_model, latents, tmp_path_factory):
-    out = tmp_path_factory.mktemp("eval") / "eval"
-    cfg = EvaluateConfig(prompts=PROMPTS, num_inference_steps=2)
-    return out, evaluate.run(cfg, trained[0] / "model", tiny_model, latents, out)
+from .conftest import PROMPTS
 
 
 def test_metrics_compare_base_and_tuned(evaluation):
@@ -22,6 +20,9 @@ def test_metrics_compare_base_and_tuned(evaluation):
     assert metrics["tuned_val_loss"] < metrics["base_val_loss"]  # training helped held-out loss
     assert metrics["gate_passed"] is True and report.gate_passed
     assert set(metrics["val_loss_by_timestep"]["base"]) == {"100", "300", "500", "700", "900"}
+    record = read_evaluation_record(out)
+    assert record.passed and [c.name for c in record.checks] == ["val_loss_ratio"]
+    assert record.checks[0].value == pytest.approx(metrics["val_loss_ratio"])
 
 
 def test_grid_has_a_row_per_prompt_and_two_columns(evaluation):
@@ -29,6 +30,11 @@ def test_grid_has_a_row_per_prompt_and_two_columns(evaluation):
     grid = Image.open(out / "grid.png")
     assert grid.size == (220 + 2 * evaluate.CELL, 20 + len(PROMPTS) * evaluate.CELL)
     assert "grid.png" in (out / "report.html").read_text()
+    record = read_evaluation_record(out)
+    assert [s.prompt for s in record.samples] == PROMPTS
+    for sample in record.samples:
+        assert set(sample.images) == {"base", "tuned"}
+        assert all((out / f).is_file() for f in sample.images.values())
 
 
 def test_held_out_loss_is_reproducible(trained, tiny_model, latents, tmp_path, evaluation):
@@ -42,30 +48,120 @@ def test_held_out_loss_is_reproducible(trained, tiny_model, latents, tmp_path, e
 def test_publish_versions_and_is_idempotent(trained, evaluation, tmp_path):
     cfg = PublishConfig(name="m", registry=str(tmp_path / "registry"))
     first = publish.run(cfg, trained[0] / "model", evaluation[0], tmp_path / "out")
-    assert first["published"] and first["version"] == 1 and first["new"]
+    assert first.published and first.local.version == 1 and first.local.new
     version_dir = tmp_path / "registry" / "m" / "1"
     assert (version_dir / "unet").is_dir() and (version_dir / "receipt.json").is_file()
     again = publish.run(cfg, trained[0] / "model", evaluation[0], tmp_path / "out")
-    assert again["version"] == 1 and not again["new"]
-    receipt = json.loads((tmp_path / "out" / "receipt.json").read_text())
-    assert receipt["unet_sha256"] == first["unet_sha256"]
+    assert again.local.version == 1 and not again.local.new
+    receipt = read_receipt(tmp_path / "out" / "receipt.json")
+    assert receipt.unet_sha256 == first.unet_sha256
     assert not [p for p in (tmp_path / "registry" / "m").iterdir() if p.name.startswith(".")]
 
 
-def test_failed_gate_publishes_nothing(trained, evaluation, tmp_path):
-    failed = tmp_path / "eval"
-    failed.mkdir()
-    metrics = json.loads((evaluation[0] / "metrics.json").read_text())
-    metrics.update(gate_passed=False, val_loss_ratio=1.2)
-    (failed / "metrics.json").write_text(json.dumps(metrics))
+def test_registry_version_has_card_lineage_and_is_readable_by_the_team(
+    trained, evaluation, tmp_path
+):
     cfg = PublishConfig(name="m", registry=str(tmp_path / "registry"))
-    receipt = publish.run(cfg, trained[0] / "model", failed, tmp_path / "out")
-    assert receipt["published"] is False and "gate failed" in receipt["reason"]
+    receipt = publish.run(cfg, trained[0] / "model", evaluation[0], tmp_path / "out")
+    version = tmp_path / "registry" / "m" / "1"
+    lineage = json.loads((version / "lineage.json").read_text())
+    assert lineage["unet_sha256"] == receipt.unet_sha256 == receipt.lineage["unet_sha256"]
+    # every link of the chain, from publish's inputs alone
+    assert lineage["pack"]["shards"] and all(s["sha256"] for s in lineage["pack"]["shards"])
+    assert lineage["source"]["fingerprint"] and lineage["pack"]["manifest_sha256"]
+    assert all(s["key"] for s in lineage["cache"]["shards"])
+    assert lineage["base_model"]["source"] == "tiny" and lineage["base_model"]["unet_sha256"]
+    assert lineage["train"]["config"]["learning_rate"] == 1e-3 and lineage["train"]["steps"] == 30
+    assert lineage["train"]["config_sha256"] and "final_loss" in lineage["train"]
+    assert lineage["evaluate"]["passed"] and lineage["evaluate"]["checks"]
+    assert lineage["code"]["git_commit"] and lineage["code"]["torch_version"]
+    card = (version / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: diffusers" in card
+    assert "## Training settings" in card and "held-out loss" in card
+    assert (version / "eval" / "grid.png").is_file()
+    for path in [version, *version.rglob("*")]:
+        mode = path.stat().st_mode
+        assert mode & stat.S_IROTH, path  # a shared registry is readable by the team
+        assert not path.is_dir() or mode & stat.S_IXOTH, path
+
+
+def _publish_in_process(args):
+    model, eval_dir, registry, out = args
+    cfg = PublishConfig(name="m", registry=registry)
+    return publish.run(cfg, model, eval_dir, out).local.version
+
+
+def test_concurrent_publishes_both_succeed(trained, evaluation, tmp_path):
+    model = trained[0] / "model"
+    other = tmp_path / "other-model"
+    shutil.copytree(model, other)
+    other_eval = tmp_path / "other-eval"
+    shutil.copytree(evaluation[0], other_eval)
+    # A different UNet (one weight nudged), with an evaluation of it.
+    from safetensors.torch import load_file, save_file
+
+    from components.common.models import weights_sha256
+
+    weights = next((other / "unet").glob("*.safetensors"))
+    tensors = load_file(weights)
+    first = next(iter(tensors))
+    tensors[first] = tensors[first] + 1e-3
+    save_file(tensors, weights)
+    record = json.loads((other_eval / "evaluation.json").read_text())
+    record["unet_sha256"] = weights_sha256(other, "unet")
+    (other_eval / "evaluation.json").write_text(json.dumps(record))
+
+    registry = str(tmp_path / "registry")
+    jobs = [
+        (model, evaluation[0], registry, tmp_path / "a"),
+        (other, other_eval, registry, tmp_path / "b"),
+        (model, evaluation[0], registry, tmp_path / "c"),
+    ]
+    with multiprocessing.get_context("fork").Pool(3) as pool:
+        versions = pool.map(_publish_in_process, jobs)
+    assert sorted(set(versions)) == [1, 2] and versions[0] == versions[2]
+    assert sorted(p.name for p in (tmp_path / "registry" / "m").iterdir()) == ["1", "2"]
+
+
+def test_failed_gate_publishes_nothing_and_says_which_check(trained, evaluation, tmp_path):
+    failed = tmp_path / "eval"
+    shutil.copytree(evaluation[0], failed)
+    record = json.loads((failed / "evaluation.json").read_text())
+    record["checks"][0].update(value=1.2, passed=False)
+    record["passed"] = False
+    (failed / "evaluation.json").write_text(json.dumps(record))
+    cfg = PublishConfig(name="m", registry=str(tmp_path / "registry"))
+    with pytest.raises(publish.GateFailed, match="val_loss_ratio 1.2 .must be <= 1.: failed"):
+        publish.run(cfg, trained[0] / "model", failed, tmp_path / "out")
+    receipt = read_receipt(tmp_path / "out" / "receipt.json")
+    assert receipt.published is False and "val_loss_ratio" in receipt.reason
+    assert [c.passed for c in receipt.checks] == [False]
     assert not (tmp_path / "registry" / "m").exists()
+
+
+def test_incomplete_model_folder_is_refused(trained, evaluation, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(trained[0] / "model", model)
+    next((model / "vae").glob("*.safetensors")).unlink()
+    cfg = PublishConfig(name="m", registry=str(tmp_path / "registry"))
+    with pytest.raises(T2IError, match="incomplete model folder .lacks vae/"):
+        publish.run(cfg, model, evaluation[0], tmp_path / "out")
+    assert not (tmp_path / "registry").exists() and not (tmp_path / "out").exists()
+
+
+def test_evaluation_of_another_model_is_refused(trained, evaluation, tmp_path):
+    other = tmp_path / "eval"
+    shutil.copytree(evaluation[0], other)
+    record = json.loads((other / "evaluation.json").read_text())
+    record["unet_sha256"] = "0" * 64
+    (other / "evaluation.json").write_text(json.dumps(record))
+    cfg = PublishConfig(name="m", registry=str(tmp_path / "registry"))
+    with pytest.raises(T2IError, match="evaluates another model"):
+        publish.run(cfg, trained[0] / "model", other, tmp_path / "out")
 
 
 def test_version_folder_without_receipt_is_skipped_not_fatal(trained, evaluation, tmp_path):
     (tmp_path / "registry" / "m" / "1").mkdir(parents=True)  # someone copied a folder in
     cfg = PublishConfig(name="m", registry=str(tmp_path / "registry"))
     receipt = publish.run(cfg, trained[0] / "model", evaluation[0], tmp_path / "out")
-    assert receipt["version"] == 2 and receipt["new"]
+    assert receipt.local.version == 2 and receipt.local.new

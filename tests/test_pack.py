@@ -13,6 +13,7 @@ from components import pack_shards
 from components.common.config import DataConfig, PackConfig
 from components.common.errors import ConfigError, T2IError
 from components.common.io import sha256_file
+from components.common.records import read_pack_manifest
 from components.common.shards import read_shard, write_shard
 
 from .conftest import PACK, REPO, run_killed_on_second_shard
@@ -425,7 +426,7 @@ def test_sigkill_mid_pack_leaves_the_previous_output(tmp_path):
     killed_run()  # first run dies: no manifest, so no (partial) output is trusted
     assert not (out / "manifest.json").exists()
     with pytest.raises(T2IError, match="missing"):
-        pack_shards.read_manifest(out)
+        read_pack_manifest(out)
     pack_shards.run(DataConfig(), cfg, src, out)
     committed = (out / "manifest.json").read_bytes()
     _appended(src, 0, 12)

@@ -114,8 +114,8 @@ def test_impossible_settings_fail_before_work(latents, tiny_model, tmp_path):
 
 
 def test_objective_options_change_the_loss(latents, tiny_model):
-    from components.cache_latents import load_split
     from components.common.models import load_noise_scheduler, load_text_encoder, load_unet
+    from components.common.records import load_latent_split as load_split
     from components.train_unet.objective import Objective, StepDraws, training_loss
 
     samples = load_split(latents, "train")[:4]

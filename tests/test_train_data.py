@@ -1,18 +1,18 @@
 """The training data stream: deterministic, disjoint per rank, exactly resumable."""
 
 import itertools
-import json
 
 import pytest
 import torch
 
 from components.common.errors import ConfigError
+from components.common.records import read_latent_manifest
 from components.train_unet.data import LatentStream
 from components.train_unet.objective import snr_weights
 
 
 def stream(latents, **kw):
-    manifest = json.loads((latents / "manifest.json").read_text())
+    manifest = read_latent_manifest(latents)
     limit = kw.pop("max_samples", None)
     args = dict(batch_size=4, seed=0, shuffle_buffer=8)
     args.update(kw)

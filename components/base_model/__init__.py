@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from components.common.config import ModelConfig
 from components.common.errors import T2IError
-from components.common.io import atomic_dir, write_json_atomic
+from components.common.io import atomic_dir
 from components.common.models import check_model_dir, weights_sha256
+from components.common.records import BASE_MODEL_RECORD, BaseModelRecord, write_record
 
-# Files worth downloading from a hub repo: configs, safetensors weights, tokenizer.
-_HUB_PATTERNS = ["*.json", "*.txt", "*.safetensors", "tokenizer/*"]
+# Files worth downloading from a hub repo: configs, safetensors weights, tokenizer, and
+# the card (README.md: its license is the fine-tune's default).
+_HUB_PATTERNS = ["*.json", "*.txt", "*.safetensors", "tokenizer/*", "README.md"]
 
 
 @dataclass
@@ -35,7 +37,7 @@ def run(cfg: ModelConfig, out: Path) -> BaseModelReport:
     folder is not a diffusers SD model.
     """
     out = Path(out)
-    revision = cfg.revision
+    revision, hub_id = cfg.revision, None
     with atomic_dir(out) as tmp:
         if cfg.source == "tiny":
             from components.base_model.tiny import build_tiny_pipeline
@@ -44,11 +46,32 @@ def run(cfg: ModelConfig, out: Path) -> BaseModelReport:
         elif Path(cfg.source).exists():
             shutil.copytree(check_model_dir(Path(cfg.source)), tmp, dirs_exist_ok=True)
         else:
-            revision = _download(cfg.source, cfg.revision, tmp)
+            revision, hub_id = _download(cfg.source, cfg.revision, tmp), cfg.source
         check_model_dir(tmp)
-        report = BaseModelReport(cfg.source, revision, weights_sha256(tmp, "unet"), str(out))
-        write_json_atomic(tmp / "base_model.json", asdict(report))
-    return report
+        record = BaseModelRecord(
+            source=cfg.source,
+            hub_id=hub_id,
+            revision=revision,
+            unet_sha256=weights_sha256(tmp, "unet"),
+            license=card_license(tmp),
+            seed=cfg.seed if cfg.source == "tiny" else None,
+        )
+        write_record(record, tmp / BASE_MODEL_RECORD)
+    return BaseModelReport(cfg.source, revision, record.unet_sha256, str(out))
+
+
+def card_license(model: Path) -> str | None:
+    """The `license` of a model folder's card (README.md metadata), if it names one."""
+    card = Path(model) / "README.md"
+    if not card.is_file():
+        return None
+    from huggingface_hub.repocard import metadata_load
+
+    try:
+        license_ = (metadata_load(card) or {}).get("license")
+    except ValueError:  # a card whose YAML header does not parse: no license to inherit
+        return None
+    return license_ if isinstance(license_, str) else None
 
 
 def _download(repo_id: str, revision: str | None, dest: Path) -> str:

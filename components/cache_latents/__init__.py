@@ -23,17 +23,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as st_load
 from tqdm import tqdm
 
-from components.cache_latents.encode import LatentEncoder, check_sha
+from components.cache_latents.encode import LatentEncoder
 from components.common.config import CacheConfig
 from components.common.errors import T2IError
-from components.common.io import sha256_file, sha256_json, write_json_atomic
-from components.common.shards import read_shard, write_shard
-from components.pack_shards import read_manifest
+from components.common.io import check_sha, sha256_file, sha256_json, write_json_atomic
+from components.common.records import (
+    LATENT_MANIFEST,
+    LatentManifest,
+    PackManifest,
+    pack_lineage,
+    read_pack_manifest,
+    write_record,
+)
+from components.common.shards import write_shard
 
-MANIFEST = "manifest.json"
+MANIFEST = LATENT_MANIFEST
 RECEIPT = ".json"  # suffix of the receipt beside each latent shard
 
 
@@ -95,9 +101,9 @@ def encode_part(
     cfg: CacheConfig, shards: Path, model: Path, out: Path, index: int, count: int, device=None
 ) -> CacheReport:
     """Encode this worker's shards (skipping committed ones) and write its part file."""
-    packed = read_manifest(shards)
+    packed = read_pack_manifest(shards)
     encoder = LatentEncoder(model, cfg, device)
-    jobs = [_job(shard, encoder.model_key) for shard in packed["shards"]][index::count]
+    jobs = [_job(shard.model_dump(), encoder.model_key) for shard in packed.shards][index::count]
     out.mkdir(parents=True, exist_ok=True)
     todo = [j for j in jobs if not _committed(out, j)]
     total = sum(j["samples"] for j in todo)
@@ -125,13 +131,13 @@ def encode_part(
     return CacheReport(sum(j["samples"] for j in jobs), len(todo), len(jobs) - len(todo), rate)
 
 
-def merge(shards: Path, out: Path, count: int | None = None) -> dict:
+def merge(shards: Path, out: Path, count: int | None = None) -> LatentManifest:
     """Write `manifest.json` from the `count` workers' part files (default: as many as
     the newest part names); delete every file the manifest does not list.
 
     T2IError when a part is missing or was made from other shards or another model.
     """
-    packed = read_manifest(shards)
+    packed = read_pack_manifest(shards)
     if count is None:
         parts = sorted(out.glob("part-*-of-*.json"), key=lambda p: p.stat().st_mtime_ns)
         if not parts:
@@ -148,18 +154,19 @@ def merge(shards: Path, out: Path, count: int | None = None) -> dict:
     if any(p["model"] != loaded[0]["model"] for p in loaded):
         raise T2IError(f"{out}: parts were made with different models or settings")
     entries = {e["source_name"]: e for p in loaded for e in p["entries"]}
-    manifest = {
-        "shards": [entries[s["name"]] for s in packed["shards"]],
-        "samples": packed["samples"],
-        "cache_config": loaded[0]["cache_config"],
-        "resolution": loaded[0]["cache_config"]["resolution"],
-        "latent_shape": loaded[0]["latent_shape"],
-        "vae_scaling_factor": loaded[0]["vae_scaling_factor"],
-        "model": loaded[0]["model"],
-    }
-    write_json_atomic(out / MANIFEST, manifest)
-    listed = {MANIFEST} | {e["name"] for e in manifest["shards"]}
-    listed |= {e["name"] + RECEIPT for e in manifest["shards"]}
+    manifest = LatentManifest(
+        shards=[entries[s.name] for s in packed.shards],
+        samples=packed.samples,
+        cache_config=loaded[0]["cache_config"],
+        resolution=loaded[0]["cache_config"]["resolution"],
+        latent_shape=loaded[0]["latent_shape"],
+        vae_scaling_factor=loaded[0]["vae_scaling_factor"],
+        model=loaded[0]["model"],
+        pack=pack_lineage(shards),
+    )
+    write_record(manifest, out / MANIFEST)
+    listed = {MANIFEST} | {e.name for e in manifest.shards}
+    listed |= {e.name + RECEIPT for e in manifest.shards}
     for path in out.iterdir():  # only what this stage writes: never a user's file
         ours = path.name.endswith((".tar", ".tar" + RECEIPT, ".tmp")) or path.name.startswith(
             "part-"
@@ -210,37 +217,5 @@ def _entry(out: Path, job: dict) -> dict:
     }
 
 
-def _packed_fingerprint(packed: dict) -> str:
-    return sha256_json([(s["name"], s["sha256"]) for s in packed["shards"]])
-
-
-def read_latent_manifest(latents: Path) -> dict:
-    path = Path(latents) / MANIFEST
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise T2IError(f"{path}: missing; run `t2i cache` first") from None
-
-
-def verify(latents: Path, split: str | None = None) -> dict:
-    """Check every listed shard's sha256 (of `split`, or all); returns the manifest."""
-    manifest = read_latent_manifest(latents)
-    for shard in manifest["shards"]:
-        if split is None or shard["split"] == split:
-            check_sha(Path(latents) / shard["name"], shard["sha256"])
-    return manifest
-
-
-def load_split(latents: Path, split: str) -> list[dict[str, torch.Tensor]]:
-    """Every cached sample of `split` (fp32 / int64), after verifying each shard's sha256."""
-    manifest = verify(latents, split)
-    samples = []
-    for shard in manifest["shards"]:
-        if shard["split"] != split:
-            continue
-        for record in read_shard(Path(latents) / shard["name"]):
-            tensors = st_load(record["safetensors"])
-            samples.append(
-                {k: v.float() if v.is_floating_point() else v.long() for k, v in tensors.items()}
-            )
-    return samples
+def _packed_fingerprint(packed: PackManifest) -> str:
+    return sha256_json([(s.name, s.sha256) for s in packed.shards])

@@ -18,7 +18,6 @@ from PIL import Image
 from safetensors.torch import save as st_save
 
 from components.common.config import CacheConfig
-from components.common.errors import T2IError
 from components.common.models import (
     default_device,
     load_text_encoder,
@@ -187,13 +186,3 @@ def encode_moments(vae, pixels: torch.Tensor, flip: bool) -> dict[str, torch.Ten
         out["mean" + suffix] = dist.mean.float().cpu()
         out["logvar" + suffix] = dist.logvar.float().cpu()
     return out
-
-
-def check_sha(path: Path, expected: str) -> None:
-    """T2IError naming the shard when it is missing or its bytes changed."""
-    from components.common.io import sha256_file
-
-    if not path.is_file():
-        raise T2IError(f"{path}: shard missing; re-run the stage that writes it")
-    if sha256_file(path) != expected:
-        raise T2IError(f"{path}: sha256 does not match the manifest (corrupt or changed shard)")

@@ -7,6 +7,7 @@ values are `ConfigError`s naming the file and the key.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -179,10 +180,61 @@ class EvaluateConfig(Section):
         return v
 
 
+# `org/name`, as the Hub accepts it: letters, digits, `-`, `_`, `.`; no `--` or `..`.
+_HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+
+
 class PublishConfig(Section):
     name: str = Field("t2i-tiny", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    target: Literal["local"] = "local"
+    # local: the registry below; hub: the Hugging Face Hub (hub_model_id); both.
+    target: Literal["local", "hub", "both"] = "local"
     registry: str = "artifacts/registry"
+    # The recipe's --hub_model_id: `org/name`. The token is never a param: HF_TOKEN,
+    # `hf auth login`, or a Kubernetes secret mounted as HF_TOKEN.
+    hub_model_id: str | None = None
+    private: bool = True
+    # Required for the Hub; null: the base model card's license (else an error).
+    license: str | None = None
+    tag_format: str = "v{version}"
+    # 429, 5xx and connection errors are retried this many times, waiting
+    # retry_backoff_s, then twice that, ... (with jitter).
+    max_retries: int = Field(5, ge=0, le=20)
+    retry_backoff_s: float = Field(1.0, ge=0, le=60)
+    # Refused: see _no_token_in_params. Excluded, so it never reaches a dump or KFP.
+    hub_token: None = Field(None, exclude=True)
+
+    @field_validator("hub_token", mode="before")
+    @classmethod
+    def _no_token_in_params(cls, v: Any) -> None:
+        if v is not None:
+            raise ValueError(
+                "refused: a params value is stored in git, in dvc.lock and in the KFP UI; "
+                "give the token as HF_TOKEN or with `hf auth login` (on Kubernetes, a secret "
+                "mounted as HF_TOKEN)"
+            )
+        return None
+
+    @field_validator("hub_model_id")
+    @classmethod
+    def _repo_id(cls, v: str | None) -> str | None:
+        if v is not None and (not _HUB_REPO_ID.match(v) or "--" in v or ".." in v):
+            raise ValueError(
+                f"must be `org/name` (letters, digits, '-', '_', '.'; no '--' or '..'), got {v!r}"
+            )
+        return v
+
+    @field_validator("tag_format")
+    @classmethod
+    def _tag_format(cls, v: str) -> str:
+        if v.count("{version}") != 1 or not re.match(r"^[A-Za-z0-9._/{}-]+$", v):
+            raise ValueError(f"must hold {{version}} once and make a git tag name, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _hub_needs_repo(self) -> PublishConfig:
+        if self.target in ("hub", "both") and not self.hub_model_id:
+            raise ValueError(f"target {self.target!r} needs publish.hub_model_id (`org/name`)")
+        return self
 
 
 class PipelineConfig(Section):
@@ -246,7 +298,10 @@ def describe_errors(err: ValidationError, where: str) -> str:
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        if e["type"] != "extra_forbidden" and "input" in e and not isinstance(e["input"], dict):
+        msg = msg.removeprefix("Value error, ")
+        # Our own validators name the value when it helps; a secret is never echoed.
+        echo = e["type"] not in ("extra_forbidden", "value_error") and "token" not in key
+        if echo and "input" in e and not isinstance(e["input"], dict):
             msg += f" (got {e['input']!r})"
         parts.append(f"{key}: {msg}")
     return f"{where}: " + "; ".join(parts)

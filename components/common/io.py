@@ -29,6 +29,16 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def check_sha(path: Path, expected: str) -> None:
+    """T2IError naming the shard when it is missing or its bytes changed."""
+    from components.common.errors import T2IError
+
+    if not path.is_file():
+        raise T2IError(f"{path}: shard missing; re-run the stage that writes it")
+    if sha256_file(path) != expected:
+        raise T2IError(f"{path}: sha256 does not match the manifest (corrupt or changed shard)")
+
+
 def sha256_tree(root: Path) -> str:
     """Hex sha256 over every file below `root` (relative path + content), in sorted order."""
     h = hashlib.sha256()
@@ -44,6 +54,31 @@ def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask would, process-wide)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def make_shareable(path: Path) -> None:
+    """Give `path` (and everything below a folder) the permissions a plain `open` or
+    `mkdir` would have: mkstemp/mkdtemp make them private (0600/0700), which would
+    hide artifacts from the rest of the team on a shared volume."""
+    mask = _umask()
+    path = Path(path)
+    if path.is_dir():
+        for p in [path, *path.rglob("*")]:
+            if not p.is_symlink():
+                p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+    else:
+        path.chmod(0o666 & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_path(final: Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside `final`; move it to `final` only if the block succeeds."""
@@ -55,6 +90,8 @@ def atomic_path(final: Path, suffix: str = "") -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.exists():
+            make_shareable(tmp_path)
         os.replace(tmp_path, final)
     finally:
         if tmp_path.exists():
@@ -82,6 +119,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
+        make_shareable(tmp)
         old = None
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")

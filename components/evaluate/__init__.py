@@ -1,7 +1,9 @@
 """evaluate: base vs fine-tuned, on held-out latents and on fixed-seed samples.
 
 Writes `metrics.json` (held-out loss of both models at fixed timesteps and noise, the
-gate decision), `grid.png` (rows: prompts; columns: base, fine-tuned) and `report.html`.
+gate decision), `grid.png` (rows: prompts; columns: base, fine-tuned), each sample as
+`samples/<row>-<model>.png`, `report.html`, and the decision record `evaluation.json`
+(every gate check with its value, threshold and verdict), which publish reads.
 """
 
 from __future__ import annotations
@@ -14,11 +16,19 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from components.cache_latents import load_split, read_latent_manifest
 from components.common.config import EvaluateConfig
 from components.common.errors import T2IError
 from components.common.io import atomic_path, write_bytes_atomic, write_json_atomic
-from components.common.models import check_model_dir, default_device
+from components.common.models import check_model_dir, default_device, weights_sha256
+from components.common.records import (
+    EVALUATION_RECORD,
+    EvalSample,
+    EvaluationRecord,
+    GateCheck,
+    load_latent_split,
+    read_latent_manifest,
+    write_record,
+)
 
 CELL = 128  # pixels per grid cell: tiny samples are upscaled to be seen
 
@@ -46,7 +56,7 @@ def run(cfg: EvaluateConfig, model: Path, base_model: Path, latents: Path, out: 
 
     out = Path(out)
     manifest = read_latent_manifest(latents)
-    val = load_split(latents, "val")
+    val = load_latent_split(latents, "val")
     if not val:
         raise T2IError(f"{latents}: no validation samples; raise pack.val_fraction")
     pipes = {
@@ -54,12 +64,20 @@ def run(cfg: EvaluateConfig, model: Path, base_model: Path, latents: Path, out: 
         for name, path in (("base", base_model), ("tuned", model))
     }
     per_t = {
-        name: held_out_loss(p, val, cfg, manifest["vae_scaling_factor"])
-        for name, p in pipes.items()
+        name: held_out_loss(p, val, cfg, manifest.vae_scaling_factor) for name, p in pipes.items()
     }
     losses = {name: sum(v.values()) / len(v) for name, v in per_t.items()}
     ratio = losses["tuned"] / losses["base"]
-    report = EvalReport(losses["base"], losses["tuned"], ratio <= cfg.max_val_loss_ratio)
+    checks = [
+        GateCheck(
+            name="val_loss_ratio",
+            value=ratio,
+            threshold=cfg.max_val_loss_ratio,
+            comparison="<=",
+            passed=ratio <= cfg.max_val_loss_ratio,
+        )
+    ]
+    report = EvalReport(losses["base"], losses["tuned"], all(c.passed for c in checks))
     metrics = {
         "base_val_loss": losses["base"],
         "tuned_val_loss": losses["tuned"],
@@ -72,12 +90,39 @@ def run(cfg: EvaluateConfig, model: Path, base_model: Path, latents: Path, out: 
         },
     }
     out.mkdir(parents=True, exist_ok=True)
-    grid = sample_grid(pipes, cfg, manifest["resolution"])
+    images = {
+        name: [_sample(p, prompt, cfg, manifest.resolution) for prompt in cfg.prompts]
+        for name, p in pipes.items()
+    }
+    samples = _save_samples(images, cfg, out)
     with atomic_path(out / "grid.png", ".png") as tmp:
-        grid.save(tmp, "PNG")
+        sample_grid(images, cfg).save(tmp, "PNG")
     write_bytes_atomic(out / "report.html", render_report(metrics, cfg).encode())
     write_json_atomic(out / "metrics.json", metrics)
+    record = EvaluationRecord(
+        unet_sha256=weights_sha256(model, "unet"),
+        metrics={k: float(v) for k, v in metrics.items() if isinstance(v, int | float)},
+        checks=checks,
+        passed=report.gate_passed,
+        samples=samples,
+        grid="grid.png",
+        report="report.html",
+    )
+    write_record(record, out / EVALUATION_RECORD)
     return report
+
+
+def _save_samples(images: dict[str, list[Image.Image]], cfg: EvaluateConfig, out: Path):
+    """Each sample as `samples/<row>-<model>.png`; their records, one per prompt."""
+    samples = []
+    for row, prompt in enumerate(cfg.prompts):
+        files = {}
+        for name, row_images in images.items():
+            files[name] = f"samples/{row:02d}-{name}.png"
+            with atomic_path(out / files[name], ".png") as tmp:
+                row_images[row].save(tmp, "PNG")
+        samples.append(EvalSample(prompt=prompt, seed=cfg.seed, images=files))
+    return samples
 
 
 @torch.inference_mode()
@@ -113,18 +158,18 @@ def held_out_loss(
     return losses
 
 
-def sample_grid(pipes: dict, cfg: EvaluateConfig, resolution: int) -> Image.Image:
-    """Rows: prompts; columns: the pipelines, each sampled from the same seed."""
+def sample_grid(images: dict[str, list[Image.Image]], cfg: EvaluateConfig) -> Image.Image:
+    """Rows: prompts; columns: the models' samples (each from the same seed)."""
     label_w = 220
-    grid = Image.new("RGB", (label_w + CELL * len(pipes), 20 + CELL * len(cfg.prompts)), "white")
+    grid = Image.new("RGB", (label_w + CELL * len(images), 20 + CELL * len(cfg.prompts)), "white")
     draw = ImageDraw.Draw(grid)
-    for col, name in enumerate(pipes):
+    for col, name in enumerate(images):
         draw.text((label_w + col * CELL + 4, 4), name, fill="black")
     for row, prompt in enumerate(cfg.prompts):
         y = 20 + row * CELL
         draw.text((4, y + CELL // 2), prompt[:36], fill="black")
-        for col, pipe in enumerate(pipes.values()):
-            image = _sample(pipe, prompt, cfg, resolution)
+        for col, row_images in enumerate(images.values()):
+            image = row_images[row]
             grid.paste(image.resize((CELL, CELL), Image.NEAREST), (label_w + col * CELL, y))
     return grid
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from components.common.config import DataConfig, PackConfig
 from components.common.errors import T2IError
 from components.common.io import write_bytes_atomic
+from components.common.records import PACK_MANIFEST, PackManifest
 from components.common.shards import write_shard
 from components.pack_shards.decode import Packed, pack_sample
 from components.pack_shards.plan import (
@@ -40,7 +41,7 @@ from components.pack_shards.plan import (
 )
 from components.pack_shards.sources import Sample, list_samples
 
-MANIFEST = "manifest.json"
+MANIFEST = PACK_MANIFEST
 REJECTED = "rejected.jsonl"
 INDEX_SUFFIX = ".index.json"
 _SHARD_NAME = re.compile(r"^(train|val)-(\d{6})\.tar$")
@@ -106,16 +107,16 @@ def _pack(data, cfg, source: Path, out: Path, fmt: str, samples: list[Sample]) -
             f"(limit pack.max_reject_fraction={cfg.max_reject_fraction}); see {out / REJECTED}"
         )
     written = write_plan(plan, previous, fresh, out)
-    manifest = plan.manifest(fmt, cfg, written)
+    manifest = plan.manifest(fmt, cfg, written, _source_name(source, data), data.dataset_name)
     _write_if_changed(out / REJECTED, plan.rejected_jsonl())
-    _write_if_changed(out / MANIFEST, _json_bytes(manifest))
+    _write_if_changed(out / MANIFEST, _json_bytes(manifest.model_dump(mode="json")))
     remove_unlisted(out, manifest)
     return PackReport(
-        kept=sum(manifest["samples"].values()),
-        rejected=manifest["rejected_by_reason"],
-        shards=len(manifest["shards"]),
-        bytes=sum(s["bytes"] for s in manifest["shards"]),
-        splits=manifest["samples"],
+        kept=sum(manifest.samples.values()),
+        rejected=manifest.rejected_by_reason,
+        shards=len(manifest.shards),
+        bytes=sum(s.bytes for s in manifest.shards),
+        splits=manifest.samples,
         written=len(written),
         decoded=len(todo),
         images_per_s=rate,
@@ -253,24 +254,20 @@ def write_plan(plan: Plan, previous: PreviousPack, fresh: dict, out: Path) -> di
     return written
 
 
-def remove_unlisted(out: Path, manifest: dict) -> None:
+def remove_unlisted(out: Path, manifest: PackManifest) -> None:
     """Delete shards, indexes and temporaries the committed manifest does not list."""
     keep = {MANIFEST, REJECTED}
-    for shard in manifest["shards"]:
-        keep |= {shard["name"], shard["name"] + INDEX_SUFFIX}
+    for shard in manifest.shards:
+        keep |= {shard.name, shard.name + INDEX_SUFFIX}
     for path in out.iterdir():
         if path.is_file() and path.name not in keep:
             if _SHARD_NAME.match(path.name.removesuffix(INDEX_SUFFIX)) or path.name.startswith("."):
                 path.unlink()
 
 
-def read_manifest(shards_dir: Path) -> dict:
-    """The committed manifest of a pack output. T2IError when there is none."""
-    path = Path(shards_dir) / MANIFEST
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise T2IError(f"{path}: missing; run `t2i pack` first") from None
+def _source_name(source: Path, data: DataConfig) -> str:
+    """The source as the lineage names it: the dataset id, or the path as given."""
+    return data.dataset_name or str(source)
 
 
 def _max_serial(out: Path) -> int:

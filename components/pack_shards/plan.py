@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from components.common.config import PackConfig
+from components.common.errors import T2IError
 from components.common.io import sha256_file, sha256_json
+from components.common.records import PACK_MANIFEST, PackManifest, read_pack_manifest
 from components.common.shards import read_shard
 from components.pack_shards.decode import Packed
 from components.pack_shards.sources import Sample
@@ -85,26 +87,28 @@ class PreviousPack:
     @classmethod
     def load(cls, out: Path, cfg: PackConfig, fmt: str) -> PreviousPack:
         prev = cls(Path(out))
-        try:
-            manifest = json.loads((prev.out / "manifest.json").read_text())
-            prev.next_serial = int(manifest.get("next_serial", 0))
-        except (OSError, ValueError, TypeError):
+        if not (prev.out / PACK_MANIFEST).is_file():
             return prev
-        if manifest.get("pack_config") != identity(cfg) or manifest.get("format") != fmt:
+        try:
+            manifest = read_pack_manifest(prev.out)
+        except T2IError:  # unreadable or of an older schema: repack (under new serials)
+            return prev
+        prev.next_serial = manifest.next_serial
+        if manifest.pack_config != identity(cfg) or manifest.format != fmt:
             return prev  # a different recipe: rebuild everything (under new serials)
-        for entry in manifest.get("shards", []):
-            index = prev.out / (entry["name"] + ".index.json")
-            path = prev.out / entry["name"]
+        for entry in manifest.shards:
+            index = prev.out / (entry.name + ".index.json")
+            path = prev.out / entry.name
             try:
-                if sha256_file(path) != entry["sha256"]:
+                if sha256_file(path) != entry.sha256:
                     continue  # corrupt or changed shard: its samples are packed again
                 members = json.loads(index.read_text())
             except (OSError, ValueError):
                 continue
-            prev.shards[entry["name"]] = entry
-            prev.shard_members[entry["name"]] = members
+            prev.shards[entry.name] = entry.model_dump()
+            prev.shard_members[entry.name] = members
             for member in members:
-                prev.members[member["key"]] = (entry["name"], member)
+                prev.members[member["key"]] = (entry.name, member)
         prev.rejected = _read_rejected(prev.out / "rejected.jsonl")
         return prev
 
@@ -145,7 +149,9 @@ class Plan:
     def rejected_jsonl(self) -> bytes:
         return "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rejected).encode()
 
-    def manifest(self, fmt: str, cfg: PackConfig, written: dict[str, dict]) -> dict:
+    def manifest(
+        self, fmt: str, cfg: PackConfig, written: dict[str, dict], source: str, dataset: str | None
+    ) -> PackManifest:
         shards = sorted([*self.unchanged, *written.values()], key=lambda s: s["name"])
         samples = {"train": 0, "val": 0}
         for s in shards:
@@ -154,16 +160,18 @@ class Plan:
         for r in self.rejected:
             kind = r["reason"].split(":")[0]
             reasons[kind] = reasons.get(kind, 0) + 1
-        return {
-            "format": fmt,
-            "shards": shards,
-            "samples": samples,
-            "rejected": len(self.rejected),
-            "rejected_by_reason": reasons,
-            "pack_config": identity(cfg),
-            "source_fingerprint": self.source_fingerprint,
-            "next_serial": self.next_serial,
-        }
+        return PackManifest(
+            format=fmt,
+            source=source,
+            dataset_name=dataset,
+            shards=shards,
+            samples=samples,
+            rejected=len(self.rejected),
+            rejected_by_reason=reasons,
+            pack_config=identity(cfg),
+            source_fingerprint=self.source_fingerprint,
+            next_serial=self.next_serial,
+        )
 
 
 def plan_pack(

@@ -1,80 +1,177 @@
-"""publish: the fine-tuned model into a local versioned registry, only past the gate.
+"""publish: the evaluated model, with its card and lineage, to a registry and/or the Hub.
 
-`<registry>/<name>/<version>/` is created atomically (temporary folder + rename) and
-holds the model and `receipt.json`. Publishing the same UNet again reuses its version.
+Only a model whose evaluation passed the gate is published. A version holds the
+diffusers folder, `README.md` (the model card), `lineage.json` (data, cache, base
+model, training, evaluation, code) and the evaluation images under `eval/`.
+
+- `target: local`: `<registry>/<name>/<version>/` (`registry.py`);
+- `target: hub`: one commit and a tag in `hub_model_id` (`hub.py`);
+- `target: both`: the registry first, then the Hub.
+
+Publishing the same UNet again makes no new version anywhere. `out/receipt.json`
+says what was published where (or why not), with the lineage.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
 from components.common.config import PublishConfig
-from components.common.errors import T2IError
-from components.common.io import write_json_atomic
+from components.common.errors import ConfigError, T2IError
 from components.common.models import check_model_dir, weights_sha256
+from components.common.records import (
+    EVALUATION_RECORD,
+    LINEAGE,
+    RECEIPT,
+    TRAIN_RECORD,
+    EvaluationRecord,
+    PublishReceipt,
+    read_evaluation_record,
+    read_train_record,
+    write_record,
+)
+from components.publish.card import render_card
+from components.publish.hub import hub_token, publish_hub
+from components.publish.lineage import build_lineage
+from components.publish.registry import publish_local
+
+# What a complete diffusers SD folder from `t2i train` holds (globs, each must match).
+_REQUIRED = [
+    "model_index.json",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model*.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model*.safetensors",
+    "text_encoder/config.json",
+    "text_encoder/model*.safetensors",
+    "tokenizer/tokenizer_config.json",
+    "scheduler/scheduler_config.json",
+    TRAIN_RECORD,
+]
+# Files of the model folder that the version replaces with its own.
+_NOT_COPIED = {"README.md", LINEAGE, RECEIPT}
 
 
-def run(cfg: PublishConfig, model: Path, eval_dir: Path, out: Path) -> dict:
-    """Publish `model` if the evaluation in `eval_dir` passed; write `out`/receipt.json.
+class GateFailed(T2IError):
+    """The evaluation gate failed: the receipt says which check; nothing was published."""
 
-    Returns the receipt. A failed gate is not an error: the receipt says
-    `published: false` and why. Raises T2IError for missing model or metrics.
+
+def run(cfg: PublishConfig, model: Path, eval_dir: Path, out: Path) -> PublishReceipt:
+    """Publish `model` (evaluated in `eval_dir`) to `cfg.target`; write `out`/receipt.json.
+
+    Raises ConfigError when the target cannot work here (no token, offline, no
+    license), T2IError for an incomplete model folder, an evaluation of another model
+    or a Hub failure, and GateFailed (after writing the receipt) when the gate failed.
     """
-    metrics_path = Path(eval_dir) / "metrics.json"
-    if not metrics_path.is_file():
-        raise T2IError(f"{metrics_path}: missing; run `t2i evaluate` first")
-    metrics = json.loads(metrics_path.read_text())
-    unet_sha = weights_sha256(check_model_dir(Path(model)), "unet")
-    receipt = {
-        "name": cfg.name,
-        "target": cfg.target,
-        "unet_sha256": unet_sha,
-        "metrics": {k: v for k, v in metrics.items() if not isinstance(v, dict)},
-    }
-    if not metrics.get("gate_passed"):
-        receipt.update(
-            published=False,
-            reason="evaluation gate failed "
-            f"(val_loss_ratio {metrics.get('val_loss_ratio')} > "
-            f"{metrics.get('max_val_loss_ratio')})",
+    model, out = Path(model), Path(out)
+    check_complete(model)
+    train, evaluation = read_train_record(model), read_evaluation_record(eval_dir)
+    unet_sha = weights_sha256(model, "unet")
+    if evaluation.unet_sha256 != unet_sha:
+        raise T2IError(
+            f"{Path(eval_dir) / EVALUATION_RECORD}: evaluates another model than {model}; "
+            "re-run `t2i evaluate` on it"
         )
-    else:
-        receipt.update(published=True, **publish_local(Path(model), cfg, unet_sha, receipt))
-    write_json_atomic(Path(out) / "receipt.json", receipt)
+    lineage = build_lineage(cfg.name, train, evaluation)
+    receipt = PublishReceipt(
+        name=cfg.name,
+        target=cfg.target,
+        unet_sha256=unet_sha,
+        published=False,
+        checks=evaluation.checks,
+        metrics=evaluation.metrics,
+        lineage=lineage,
+    )
+    if not evaluation.passed:
+        why = "; ".join(c.describe() for c in evaluation.failed_checks())
+        receipt.reason = f"evaluation gate failed: {why}"
+        write_record(receipt, out / RECEIPT)
+        raise GateFailed(f"not published: {receipt.reason} (receipt: {out / RECEIPT})")
+    hub = cfg.target in ("hub", "both")
+    token = hub_token() if hub else None  # before any work: no half-published targets
+    license_ = cfg.license or (train.base_model.license if train.base_model else None)
+    if hub and not license_:
+        raise ConfigError(
+            "publish.license is required for the Hub and the base model's card names none; "
+            "set it (e.g. creativeml-openrail-m for SD 1.x fine-tunes, or your own)"
+        )
+    files = version_files(model, Path(eval_dir), evaluation)
+
+    def documents(repo_id: str | None, target: str):
+        def make(version: int) -> dict[str, bytes]:
+            tag = cfg.tag_format.format(version=version)
+            doc = {**lineage, "published_as": {"target": target, "version": version, "tag": tag}}
+            card = render_card(
+                repo_id=repo_id,
+                name=cfg.name,
+                license_=license_,
+                version=version,
+                train=train,
+                evaluation=evaluation,
+                lineage=doc,
+            )
+            return {"README.md": card.encode(), LINEAGE: _json_bytes(doc)}
+
+        return make
+
+    if cfg.target in ("local", "both"):
+        local_docs = documents(None, "local")
+
+        def fill(folder: Path, version: int) -> None:
+            for rel, src in files.items():
+                (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, folder / rel)
+            for rel, data in local_docs(version).items():
+                (folder / rel).write_bytes(data)
+            done = receipt.model_copy(update={"published": True, "published_at": _now()})
+            write_record(done, folder / RECEIPT)
+
+        root = Path(cfg.registry) / cfg.name
+        receipt.local = publish_local(root, unet_sha, fill)
+    if hub:
+        docs = documents(cfg.hub_model_id, "hub")
+        receipt.hub = publish_hub(cfg, files, unet_sha, docs, token)
+    receipt.published, receipt.published_at = True, _now()
+    write_record(receipt, out / RECEIPT)
     return receipt
 
 
-def publish_local(model: Path, cfg: PublishConfig, unet_sha: str, receipt: dict) -> dict:
-    """Copy `model` to the next version folder (or find the version holding it already)."""
-    root = Path(cfg.registry) / cfg.name
-    root.mkdir(parents=True, exist_ok=True)
-    versions = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit())
-    for v in reversed(versions):
-        receipt_path = root / str(v) / "receipt.json"
-        if not receipt_path.is_file():  # not published by us (copied by hand?): never reuse
-            continue
-        old = json.loads(receipt_path.read_text())
-        if old.get("unet_sha256") == unet_sha:
-            return {"version": v, "path": str(root / str(v)), "new": False}
-    version = (versions[-1] + 1) if versions else 1
-    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".tmp", dir=root))
-    try:
-        shutil.copytree(model, tmp, dirs_exist_ok=True)
-        info = {
-            "version": version,
-            "path": str(root / str(version)),
-            "new": True,
-            "published_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        write_json_atomic(tmp / "receipt.json", {**receipt, **info, "published": True})
-        try:
-            tmp.rename(root / str(version))  # fails if a concurrent publish took the number
-        except OSError:
-            raise T2IError(f"{root / str(version)} appeared while publishing; retry") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return info
+def check_complete(model: Path) -> None:
+    """T2IError naming what a model folder lacks (a crashed or partial copy)."""
+    check_model_dir(model)
+    missing = [g for g in _REQUIRED if not any(Path(model).glob(g))]
+    if missing:
+        raise T2IError(
+            f"{model}: incomplete model folder (lacks {', '.join(missing)}); "
+            "re-run `t2i train` to write it"
+        )
+
+
+def version_files(model: Path, eval_dir: Path, evaluation: EvaluationRecord) -> dict[str, Path]:
+    """{path in the version: file}: the model folder, then the evaluation's images,
+    report and records under `eval/`."""
+    files = {
+        p.relative_to(model).as_posix(): p
+        for p in sorted(model.rglob("*"))
+        if p.is_file() and p.relative_to(model).as_posix() not in _NOT_COPIED
+    }
+    evaluated = [evaluation.grid, evaluation.report, EVALUATION_RECORD, "metrics.json"]
+    evaluated += [f for s in evaluation.samples for f in s.images.values()]
+    for rel in evaluated:
+        path = eval_dir / rel
+        if not path.is_file():
+            raise T2IError(f"{path}: missing from the evaluation; re-run `t2i evaluate`")
+        files[f"eval/{rel}"] = path
+    return files
+
+
+def _json_bytes(doc: dict) -> bytes:
+    import json
+
+    return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

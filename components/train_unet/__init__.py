@@ -23,10 +23,18 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from components.cache_latents import verify
 from components.common.config import TrainConfig
 from components.common.io import atomic_dir, sha256_json
 from components.common.models import weights_sha256
+from components.common.records import (
+    TRAIN_RECORD,
+    LatentManifest,
+    TrainRecord,
+    environment,
+    read_base_model_record,
+    verify_latents,
+    write_record,
+)
 from components.train_unet import checkpoints
 from components.train_unet.data import LatentStream
 from components.train_unet.monitor import (
@@ -82,6 +90,7 @@ class Run:
     checkpoint_dir: Path
     reports: Path
     resolution: int
+    latents: LatentManifest
 
 
 def run(
@@ -104,7 +113,7 @@ def run(
     reports = Path(reports) if reports else out.parent / "train"
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else out.parent / "checkpoints"
     model, trained_unet = resolve_model(cfg, model)
-    manifest = verify(latents)  # every shard's checksum, before step 0
+    manifest = verify_latents(latents)  # every shard's checksum, before step 0
     r = _prepare(cfg, Path(latents), manifest, (model, trained_unet), reports, checkpoint_dir)
     step, history = 0, []
     resume = checkpoints.find_resume(checkpoint_dir, cfg.resume_from_checkpoint, r.fingerprint)
@@ -127,7 +136,7 @@ def run(
         unet = r.accelerator.unwrap_model(r.unet)
         if r.models.ema is not None:
             r.models.ema.copy_to(unet.parameters())
-        save_pipeline(model, unet, r.models.noise_scheduler, out)
+        save_pipeline(model, unet, r.models.noise_scheduler, out, _record(r, report))
         write_reports(reports, report, log.rows)
     r.accelerator.end_training()
     return report
@@ -178,7 +187,7 @@ def _prepare(cfg, latents, manifest, models_at, reports, checkpoint_dir) -> Run:
     fingerprint = sha256_json(
         {
             "config": cfg.model_dump(exclude=_NOT_IN_FINGERPRINT),
-            "latents": [s["sha256"] for s in manifest["shards"]],
+            "latents": [s.sha256 for s in manifest.shards],
             "base_unet": weights_sha256(trained_unet, "unet"),
             "processes": accelerator.num_processes,
             "streams": stream.streams,
@@ -192,12 +201,13 @@ def _prepare(cfg, latents, manifest, models_at, reports, checkpoint_dir) -> Run:
         optimizer,
         lr_scheduler,
         stream,
-        manifest["vae_scaling_factor"],
+        manifest.vae_scaling_factor,
         fingerprint,
         model,
         checkpoint_dir,
         reports,
-        manifest.get("resolution", 512),
+        manifest.resolution,
+        manifest,
     )
 
 
@@ -341,11 +351,39 @@ def _maybe_validate(r: Run, step: int, epoch: int) -> None:
         )
 
 
-def save_pipeline(base: Path, unet, noise_scheduler, out: Path) -> None:
-    """Base model parts + the trained UNet (+ the training scheduler config) as one folder."""
+def _record(r: Run, report: TrainReport) -> TrainRecord:
+    """The trained model's record (its UNet hash is filled in by `save_pipeline`)."""
+    return TrainRecord(
+        unet_sha256="",
+        config=r.cfg.model_dump(mode="json"),
+        config_sha256=r.fingerprint,
+        steps=report.steps,
+        seed=r.cfg.seed,
+        resumed_from_step=report.resumed_from_step,
+        initial_loss=report.initial_loss,
+        final_loss=report.final_loss,
+        images_per_second=report.images_per_second,
+        base_model=read_base_model_record(r.model),
+        latents=r.latents.lineage(),
+        pack=r.latents.pack,
+        environment=environment(),
+    )
+
+
+def save_pipeline(
+    base: Path, unet, noise_scheduler, out: Path, record: TrainRecord | None = None
+) -> None:
+    """Base model parts + the trained UNet (+ the training scheduler config) as one
+    folder, with the training record (`training_record.json`) when given."""
     with atomic_dir(out) as tmp:
         shutil.copytree(
-            base, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("unet", "base_model.json")
+            base,
+            tmp,
+            dirs_exist_ok=True,
+            ignore=shutil.ignore_patterns("unet", "base_model.json", TRAIN_RECORD),
         )
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
         noise_scheduler.save_pretrained(tmp / "scheduler")
+        if record is not None:
+            unet_sha = weights_sha256(tmp, "unet")
+            write_record(record.model_copy(update={"unet_sha256": unet_sha}), tmp / TRAIN_RECORD)

@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load as st_load
 
 from components.common.errors import ConfigError
+from components.common.records import LatentManifest
 from components.common.shards import read_shard
 
 
@@ -80,13 +81,15 @@ class LatentStream:
             )
 
     @classmethod
-    def from_manifest(cls, latents: Path, manifest: dict, max_samples: int | None, **kw):
+    def from_manifest(
+        cls, latents: Path, manifest: LatentManifest, max_samples: int | None, **kw
+    ) -> LatentStream:
         refs, left = [], max_samples
-        for shard in manifest["shards"]:
-            if shard["split"] != "train" or left == 0:
+        for shard in manifest.shards:
+            if shard.split != "train" or left == 0:
                 continue
-            n = shard["samples"] if left is None else min(left, shard["samples"])
-            refs.append(ShardRef(Path(latents) / shard["name"], n))
+            n = shard.samples if left is None else min(left, shard.samples)
+            refs.append(ShardRef(Path(latents) / shard.name, n))
             left = None if left is None else left - n
         return cls(refs, **kw)
 

@@ -23,6 +23,7 @@ from components.common.models import (
     load_unet,
     weights_sha256,
 )
+from components.common.records import LatentManifest
 
 WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -95,14 +96,14 @@ class Models:
 
 
 def load_models(
-    cfg: TrainConfig, model: Path, trained_unet: Path, device, latents_manifest: dict
+    cfg: TrainConfig, model: Path, trained_unet: Path, device, latents_manifest: LatentManifest
 ) -> Models:
     """The trainable UNet (from `trained_unet`'s folder), its EMA (from `model`'s), the
     frozen text encoder and the noise scheduler. T2IError when the latents were made
     with another VAE than this model's."""
     from diffusers import UNet2DConditionModel
 
-    cached_vae = latents_manifest.get("model", {}).get("vae")
+    cached_vae = latents_manifest.model.get("vae")
     if cached_vae and (model / "vae").is_dir() and weights_sha256(model, "vae") != cached_vae:
         raise T2IError(
             f"the latents were encoded with another VAE than {model}'s; re-run `t2i cache` "

@@ -1,0 +1,420 @@
+"""The stage records: what each stage's output is, typed, versioned, read and written here.
+
+Every stage leaves one record beside its output, and a stage reads the records of its
+inputs only through this module (never another stage's internals or dicts by key):
+
+| record             | file                                   | written by |
+|--------------------|----------------------------------------|------------|
+| `PackManifest`     | `<shards>/manifest.json`               | pack       |
+| `LatentManifest`   | `<latents>/manifest.json`              | cache      |
+| `BaseModelRecord`  | `<base-model>/base_model.json`         | base-model |
+| `TrainRecord`      | `<model>/training_record.json`         | train      |
+| `EvaluationRecord` | `<eval>/evaluation.json`               | evaluate   |
+| `PublishReceipt`   | `<publish>/receipt.json` (+ registry)  | publish    |
+
+Each record carries its part of the lineage forward (the latent manifest holds the
+pack's, the train record the latents' and the base model's), so publish assembles the
+whole chain from its two inputs alone, in DVC and in KFP alike. A record written by
+another schema version is refused with a message that says which stage to re-run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from components.common.errors import T2IError
+from components.common.io import check_sha, sha256_file, write_json_atomic
+
+SCHEMA_VERSION = 1
+
+PACK_MANIFEST = "manifest.json"
+LATENT_MANIFEST = "manifest.json"
+BASE_MODEL_RECORD = "base_model.json"
+TRAIN_RECORD = "training_record.json"
+EVALUATION_RECORD = "evaluation.json"
+RECEIPT = "receipt.json"
+LINEAGE = "lineage.json"
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Versioned(Record):
+    schema_version: Literal[1] = SCHEMA_VERSION
+
+
+# -- pack ---------------------------------------------------------------------------
+
+
+class PackedShard(Record):
+    name: str
+    split: Literal["train", "val"]
+    sha256: str
+    samples: int
+    bytes: int
+
+
+class PackLineage(Record):
+    """The data's part of the lineage: where it came from and what was kept."""
+
+    source: str
+    source_fingerprint: str
+    manifest_sha256: str
+    shards: list[PackedShard]
+    samples: dict[str, int]
+    rejected_by_reason: dict[str, int]
+    dataset_name: str | None = None  # a Hugging Face dataset id, when the data is one
+
+
+class PackManifest(Versioned):
+    """What a pack output holds: its shards (with sha256), counts and rejections."""
+
+    format: str
+    source: str
+    dataset_name: str | None = None
+    source_fingerprint: str
+    shards: list[PackedShard]
+    samples: dict[str, int]
+    rejected: int
+    rejected_by_reason: dict[str, int]
+    pack_config: dict[str, Any]
+    next_serial: int
+
+
+def read_pack_manifest(shards_dir: Path) -> PackManifest:
+    """The committed manifest of a pack output. T2IError when missing or unreadable."""
+    return _read(PackManifest, Path(shards_dir) / PACK_MANIFEST, "t2i pack")
+
+
+def pack_lineage(shards_dir: Path) -> PackLineage:
+    """The pack output's lineage, with the manifest file's own sha256."""
+    path = Path(shards_dir) / PACK_MANIFEST
+    m = read_pack_manifest(shards_dir)
+    return PackLineage(
+        source=m.source,
+        source_fingerprint=m.source_fingerprint,
+        manifest_sha256=sha256_file(path),
+        shards=m.shards,
+        samples=m.samples,
+        rejected_by_reason=m.rejected_by_reason,
+        dataset_name=m.dataset_name,
+    )
+
+
+# -- cache --------------------------------------------------------------------------
+
+
+class LatentShard(Record):
+    name: str
+    source_name: str
+    source_sha256: str
+    split: Literal["train", "val"]
+    samples: int
+    key: str  # the cache key: input shard sha256 + weights hashes + transform settings
+    sha256: str
+
+
+class LatentManifest(Versioned):
+    """What a latent shard set holds.
+
+    One latent shard per packed shard, named by its cache key. Each sample is
+    `{key}.safetensors` with the VAE posterior `mean` and `logvar` (and `mean_flip`,
+    `logvar_flip` with `random_flip`), `input_ids` and, with `cache.text_embeddings`,
+    `encoder_hidden_states`; plus `{key}.json` (caption, original size, crop).
+    """
+
+    shards: list[LatentShard]
+    samples: dict[str, int]
+    cache_config: dict[str, Any]
+    resolution: int
+    latent_shape: list[int]
+    vae_scaling_factor: float
+    model: dict[str, Any]  # the weights' hashes and settings in every cache key
+    pack: PackLineage
+
+    def lineage(self) -> dict[str, Any]:
+        return {
+            "cache_config": self.cache_config,
+            "model": self.model,
+            "shards": [{"name": s.name, "key": s.key, "sha256": s.sha256} for s in self.shards],
+        }
+
+
+def read_latent_manifest(latents: Path) -> LatentManifest:
+    return _read(LatentManifest, Path(latents) / LATENT_MANIFEST, "t2i cache")
+
+
+def verify_latents(latents: Path, split: str | None = None) -> LatentManifest:
+    """Check every listed latent shard's sha256 (of `split`, or all); return the manifest.
+    T2IError naming the first shard that is missing or changed."""
+    manifest = read_latent_manifest(latents)
+    for shard in manifest.shards:
+        if split is None or shard.split == split:
+            check_sha(Path(latents) / shard.name, shard.sha256)
+    return manifest
+
+
+def load_latent_split(latents: Path, split: str) -> list[dict[str, Any]]:
+    """Every cached sample of `split` as tensors (floats as fp32, ids as int64), after
+    verifying each shard's sha256."""
+    from safetensors.torch import load as st_load
+
+    from components.common.shards import read_shard
+
+    manifest = verify_latents(latents, split)
+    samples = []
+    for shard in manifest.shards:
+        if shard.split != split:
+            continue
+        for record in read_shard(Path(latents) / shard.name):
+            tensors = st_load(record["safetensors"])
+            samples.append(
+                {k: v.float() if v.is_floating_point() else v.long() for k, v in tensors.items()}
+            )
+    return samples
+
+
+# -- base model ---------------------------------------------------------------------
+
+
+class BaseModelRecord(Versioned):
+    source: str  # "tiny", a hub id or a local folder
+    hub_id: str | None = None  # set when the source is a Hugging Face Hub model
+    revision: str | None = None  # the commit actually fetched, for hub models
+    unet_sha256: str
+    license: str | None = None  # from the base model's card, when it has one
+    seed: int | None = None  # tiny only
+
+
+def read_base_model_record(model: Path) -> BaseModelRecord | None:
+    """The record of a base-model stage output; None for a folder made elsewhere."""
+    path = Path(model) / BASE_MODEL_RECORD
+    return _read(BaseModelRecord, path, "t2i base-model") if path.is_file() else None
+
+
+# -- train --------------------------------------------------------------------------
+
+
+class TrainRecord(Versioned):
+    """What a trained model is: its config, how far it went, and what it came from."""
+
+    unet_sha256: str
+    config: dict[str, Any]
+    config_sha256: str  # the run fingerprint: config, data and base UNet
+    steps: int
+    seed: int
+    resumed_from_step: int
+    initial_loss: float
+    final_loss: float
+    images_per_second: float
+    base_model: BaseModelRecord | None
+    latents: dict[str, Any]
+    pack: PackLineage
+    environment: dict[str, Any]
+
+
+def read_train_record(model: Path) -> TrainRecord:
+    return _read(TrainRecord, Path(model) / TRAIN_RECORD, "t2i train")
+
+
+# -- evaluate -----------------------------------------------------------------------
+
+
+class GateCheck(Record):
+    name: str
+    value: float
+    threshold: float
+    comparison: Literal["<=", ">="]
+    passed: bool
+
+    def describe(self) -> str:
+        verdict = "passed" if self.passed else "failed"
+        bound = f"{self.comparison} {self.threshold:g}"
+        return f"{self.name} {self.value:.4g} (must be {bound}): {verdict}"
+
+
+class EvalSample(Record):
+    prompt: str
+    seed: int
+    images: dict[str, str]  # model ("base", "tuned") -> file under the evaluation folder
+
+
+class EvaluationRecord(Versioned):
+    """The evaluation's decision: metrics, every gate check, and the samples made."""
+
+    unet_sha256: str  # of the model that was evaluated
+    metrics: dict[str, float]
+    checks: list[GateCheck]
+    passed: bool
+    samples: list[EvalSample]
+    grid: str
+    report: str
+
+    def failed_checks(self) -> list[GateCheck]:
+        return [c for c in self.checks if not c.passed]
+
+
+def read_evaluation_record(eval_dir: Path) -> EvaluationRecord:
+    return _read(EvaluationRecord, Path(eval_dir) / EVALUATION_RECORD, "t2i evaluate")
+
+
+# -- publish ------------------------------------------------------------------------
+
+
+class LocalPublication(Record):
+    version: int
+    path: str
+    new: bool
+
+
+class HubPublication(Record):
+    repo_id: str
+    url: str
+    commit: str
+    tag: str | None
+    version: int
+    new: bool
+
+
+class PublishReceipt(Versioned):
+    name: str
+    target: str
+    unet_sha256: str
+    published: bool
+    reason: str | None = None
+    checks: list[GateCheck] = Field(default_factory=list)
+    metrics: dict[str, float] = Field(default_factory=dict)
+    local: LocalPublication | None = None
+    hub: HubPublication | None = None
+    published_at: str | None = None
+    lineage: dict[str, Any] | None = None  # what lineage.json holds, as published
+
+    def summary(self) -> str:
+        if not self.published:
+            return f"not published: {self.reason}"
+        parts = []
+        if self.local is not None:
+            state = "new" if self.local.new else "unchanged, already"
+            parts.append(f"{self.name} version {self.local.version} ({state}) -> {self.local.path}")
+        if self.hub is not None:
+            h, state = self.hub, "new" if self.hub.new else "unchanged, already"
+            parts.append(f"{h.url} commit {h.commit[:12]} tag {h.tag} ({state})")
+        return "published " + "; ".join(parts)
+
+
+def read_receipt(path: Path) -> PublishReceipt:
+    return _read(PublishReceipt, Path(path), "t2i publish")
+
+
+# -- shared -------------------------------------------------------------------------
+
+R = TypeVar("R", bound=Record)
+
+
+def write_record(record: Record, path: Path) -> None:
+    """Write a record atomically (sorted keys, so the same record gives the same bytes)."""
+    write_json_atomic(Path(path), record.model_dump(mode="json"))
+
+
+def _read(kind: type[R], path: Path, stage: str) -> R:
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise T2IError(f"{path}: missing; run `{stage}` first") from None
+    except (OSError, ValueError) as e:
+        raise T2IError(f"{path}: unreadable ({e}); run `{stage}` again") from None
+    try:
+        return kind.model_validate(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise T2IError(
+            f"{path}: not a {kind.__name__} of schema {SCHEMA_VERSION} "
+            f"({where}: {first['msg']}); run `{stage}` again"
+        ) from None
+
+
+def environment() -> dict[str, Any]:
+    """Code and machine: the project's git commit (and dirty flag) when run from a
+    checkout, else the package version; library versions; the device; the container
+    image (`T2I_IMAGE`, `T2I_IMAGE_DIGEST`, set by the KFP pipeline)."""
+    import torch
+
+    env: dict[str, Any] = {"package_version": _package_version(), **_git_state()}
+    for lib in ("torch", "diffusers", "transformers", "huggingface_hub", "accelerate"):
+        env[f"{lib}_version"] = _dist_version(lib)
+    env["python_version"] = platform.python_version()
+    env["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    image = os.environ.get("T2I_IMAGE")
+    if image:
+        env["image"] = image
+        digest = os.environ.get("T2I_IMAGE_DIGEST") or (
+            image.split("@", 1)[1] if "@" in image else None
+        )
+        env["image_digest"] = digest
+    return env
+
+
+def dvc_state() -> dict[str, Any] | None:
+    """Under `dvc repro` (DVC sets DVC_ROOT): `dvc.lock`'s sha256 and each locked stage's
+    outputs' md5. None outside DVC."""
+    root = os.environ.get("DVC_ROOT")
+    if not root:
+        return None
+    lock = Path(root) / "dvc.lock"
+    state: dict[str, Any] = {"stage": os.environ.get("DVC_STAGE"), "lock_sha256": None}
+    if not lock.is_file():
+        return state
+    import yaml
+
+    state["lock_sha256"] = sha256_file(lock)
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    state["stages"] = {
+        name: {o["path"]: o.get("md5") for o in stage.get("outs", [])}
+        for name, stage in stages.items()
+    }
+    if os.environ.get("DVC_EXP_NAME"):
+        state["experiment"] = os.environ["DVC_EXP_NAME"]
+    return state
+
+
+_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _git_state() -> dict[str, Any]:
+    if not (_ROOT / ".git").exists():
+        return {}
+    try:
+        commit = _git("rev-parse", "HEAD")
+        dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    return {"git_commit": commit, "git_dirty": dirty}
+
+
+def _git(*args: str) -> str:
+    done = subprocess.run(
+        ["git", "-C", str(_ROOT), *args], capture_output=True, text=True, check=True, timeout=10
+    )
+    return done.stdout.strip()
+
+
+def _package_version() -> str | None:
+    return _dist_version("t2i-pipeline")
+
+
+def _dist_version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None

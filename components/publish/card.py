@@ -1,0 +1,205 @@
+"""The model card (`README.md`): Hub metadata plus a body a person reads.
+
+Metadata follows the Hub's model-card spec through `huggingface_hub.ModelCardData`
+(license, library, pipeline tag, base model and relation, datasets, tags, a widget of
+the evaluation samples and a `model-index` of the evaluation results).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from components.common.records import EvaluationRecord, TrainRecord
+
+TAGS = ["stable-diffusion", "text-to-image", "diffusers", "diffusers-training", "t2i-pipeline"]
+
+# The training settings worth a row in the card, in recipe order.
+_SETTINGS = [
+    "train_batch_size",
+    "gradient_accumulation_steps",
+    "learning_rate",
+    "lr_scheduler",
+    "lr_warmup_steps",
+    "max_grad_norm",
+    "mixed_precision",
+    "prediction_type",
+    "snr_gamma",
+    "noise_offset",
+    "use_ema",
+    "gradient_checkpointing",
+    "seed",
+]
+
+
+def render_card(
+    *,
+    repo_id: str | None,
+    name: str,
+    license_: str | None,
+    version: int,
+    train: TrainRecord,
+    evaluation: EvaluationRecord,
+    lineage: dict[str, Any],
+) -> str:
+    """The card's full text (YAML metadata + markdown). `repo_id` is the Hub repo, or
+    None for the local registry (the usage snippet then loads the folder)."""
+    from huggingface_hub import ModelCard
+
+    meta = card_metadata(repo_id or name, license_, train, evaluation)
+    body = _body(repo_id, name, version, train, evaluation, lineage)
+    return str(ModelCard(f"---\n{meta.to_yaml()}\n---\n{body}"))
+
+
+def card_metadata(model_name: str, license_: str | None, train, evaluation):
+    from huggingface_hub import EvalResult, ModelCardData
+
+    base = train.base_model
+    dataset = train.pack.dataset_name
+    results = [
+        EvalResult(
+            task_type="text-to-image",
+            dataset_type=dataset or "custom",
+            dataset_name=dataset or f"held-out split of {train.pack.source}",
+            dataset_split="validation",
+            metric_type="loss",
+            metric_name=f"held-out diffusion loss ({label})",
+            metric_value=round(evaluation.metrics[key], 6),
+        )
+        for key, label in (("tuned_val_loss", "fine-tuned"), ("base_val_loss", "base model"))
+        if key in evaluation.metrics
+    ]
+    extra: dict[str, Any] = {}
+    if base is not None and base.hub_id:
+        extra.update(base_model=base.hub_id, base_model_relation="finetune")
+    if dataset:
+        extra["datasets"] = [dataset]
+    return ModelCardData(
+        license=license_,
+        library_name="diffusers",
+        pipeline_tag="text-to-image",
+        tags=TAGS,
+        widget=[
+            {"text": s.prompt, "output": {"url": f"eval/{s.images['tuned']}"}}
+            for s in evaluation.samples
+            if "tuned" in s.images
+        ],
+        model_name=model_name,
+        eval_results=results or None,
+        **extra,
+    )
+
+
+def _body(repo_id, name, version, train: TrainRecord, evaluation: EvaluationRecord, lineage):
+    base = train.base_model
+    base_desc = "an offline tiny Stable Diffusion model (t2i-pipeline's `tiny`)"
+    if base is not None and base.hub_id:
+        base_desc = f"[{base.hub_id}](https://huggingface.co/{base.hub_id})"
+        if base.revision:
+            base_desc += f" at revision `{base.revision}`"
+    elif base is not None and base.source != "tiny":
+        base_desc = f"a local model (`{base.source}`)"
+    load = repo_id or f"path/to/registry/{name}/{version}"
+    source = train.pack.dataset_name or train.pack.source
+    lines = [
+        f"# {name} (version {version})",
+        "",
+        f"A text-to-image model: the UNet of {base_desc}, fine-tuned with "
+        "t2i-pipeline (the diffusers "
+        f"`train_text_to_image.py` recipe) for {train.steps} steps on `{source}`. "
+        "The VAE, text encoder and tokenizer are the base model's, unchanged.",
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "import torch",
+        "from diffusers import StableDiffusionPipeline",
+        "",
+        f'pipe = StableDiffusionPipeline.from_pretrained("{load}", torch_dtype=torch.float16)',
+        'pipe = pipe.to("cuda")',
+        f'image = pipe("{_first_prompt(evaluation)}").images[0]',
+        "```",
+        "",
+        "## Training settings",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        *[f"| `{k}` | `{train.config.get(k)}` |" for k in _SETTINGS if k in train.config],
+        f"| steps | {train.steps} (resumed from step {train.resumed_from_step}) |",
+        f"| loss | {train.initial_loss:.4f} -> {train.final_loss:.4f} |",
+        f"| config hash | `{train.config_sha256[:16]}` |",
+        "",
+        "## Data",
+        "",
+        *_data_lines(train),
+        "",
+        "## Evaluation",
+        "",
+        *_evaluation_lines(evaluation),
+        "",
+        "![base vs fine-tuned samples, same prompts and seeds](eval/grid.png)",
+        "",
+        "## Lineage",
+        "",
+        "`lineage.json` in this repository holds the whole chain: the source's "
+        "fingerprint, every shard's sha256, the latent cache keys, the base model's "
+        "weights hash, the full training config, the evaluation and the code.",
+        "",
+        "```json",
+        json.dumps(_lineage_summary(lineage), indent=2),
+        "```",
+        "",
+        "## Limitations",
+        "",
+        "The model inherits the base model's limitations and biases and learns those of "
+        "its training data. The held-out loss measures fit to the data's distribution, "
+        "not image quality or prompt alignment; look at the samples before relying on it.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _first_prompt(evaluation: EvaluationRecord) -> str:
+    prompt = evaluation.samples[0].prompt if evaluation.samples else "a photo"
+    return prompt.replace('"', "'")
+
+
+def _data_lines(train: TrainRecord) -> list[str]:
+    pack = train.pack
+    rejected = ", ".join(f"{k}: {v}" for k, v in sorted(pack.rejected_by_reason.items()))
+    return [
+        f"- source: `{pack.dataset_name or pack.source}` (fingerprint "
+        f"`{pack.source_fingerprint[:16]}`)",
+        f"- samples kept: {pack.samples.get('train', 0)} train, {pack.samples.get('val', 0)} "
+        "held out",
+        f"- rejected: {sum(pack.rejected_by_reason.values())} ({rejected or 'none'})",
+        f"- shards: {len(pack.shards)} WebDataset shards, each with its sha256 in `lineage.json`",
+    ]
+
+
+def _evaluation_lines(evaluation: EvaluationRecord) -> list[str]:
+    m = evaluation.metrics
+    lines = ["| metric | base | fine-tuned |", "|---|---|---|"]
+    if "base_val_loss" in m and "tuned_val_loss" in m:
+        lines.append(f"| held-out loss | {m['base_val_loss']:.4f} | {m['tuned_val_loss']:.4f} |")
+    verdict = "passed" if evaluation.passed else "failed"
+    lines += ["", f"Gate ({verdict}):", ""]
+    lines += [f"- {c.describe()}" for c in evaluation.checks]
+    return lines
+
+
+def _lineage_summary(lineage: dict[str, Any]) -> dict[str, Any]:
+    base = lineage.get("base_model") or {}
+    code = lineage.get("code") or {}
+    return {
+        "source": lineage["source"],
+        "pack_manifest_sha256": lineage["pack"]["manifest_sha256"],
+        "base_model": {k: base.get(k) for k in ("source", "revision", "unet_sha256")},
+        "train_config_sha256": lineage["train"]["config_sha256"],
+        "unet_sha256": lineage["unet_sha256"],
+        "code": {
+            k: code.get(k)
+            for k in ("git_commit", "git_dirty", "package_version", "image", "image_digest")
+            if code.get(k) is not None
+        },
+    }
