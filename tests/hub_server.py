@@ -138,6 +138,7 @@ class Handler(BaseHTTPRequestHandler):
             ("POST", r"^/api/validate-yaml$", self.validate_yaml),
             ("GET", rf"^/api/models/{repo}/refs$", self.refs),
             ("GET", rf"^/api/models/{repo}(?:/revision/(?P<rev>[^/]+))?$", self.info),
+            ("GET", rf"^/api/models/{repo}/tree/(?P<rev>[^/]+)(?:/(?P<sub>.*))?$", self.tree),
             ("POST", rf"^/api/models/{repo}/preupload/(?P<rev>[^/]+)$", self.preupload),
             ("POST", rf"^/api/models/{repo}/commit/(?P<rev>[^/]+)$", self.commit),
             ("POST", rf"^/api/models/{repo}/tag/(?P<rev>[^/]+)$", self.tag),
@@ -174,14 +175,17 @@ class Handler(BaseHTTPRequestHandler):
             return self._error(403, "You don't have the rights to create a repo")
         req = json.loads(body)
         repo_id = f"{req['organization']}/{req['name']}"
-        if repo_id in self.state.repos:
-            return self._error(409, "You already created this model repo")
+        host = self.headers.get("Host")
+        if repo_id in self.state.repos:  # as the Hub answers: the error and the repo's url
+            return self._json(
+                409,
+                {"error": "You already created this model repo", "url": f"http://{host}/{repo_id}"},
+            )
         repo = Repo(private=req.get("visibility", "public") != "public")
         repo.commit(
             {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"}, "init"
         )
         self.state.repos[repo_id] = repo
-        host = self.headers.get("Host")
         self._json(200, {"url": f"http://{host}/{repo_id}", "name": repo_id})
 
     def validate_yaml(self, body, head):
@@ -227,6 +231,31 @@ class Handler(BaseHTTPRequestHandler):
                 "siblings": [{"rfilename": p} for p in sorted(commit["files"])],
             },
         )
+
+    def tree(self, repo, rev, body, head, sub=None):
+        r = self._repo(repo, write=False)
+        if r is None:
+            return
+        commit = r.at(rev)
+        if commit is None:
+            return self._error(404, "Revision not found", "RevisionNotFound")
+        entries, folders = [], set()
+        for path, data in sorted(commit["files"].items()):
+            parts = path.split("/")
+            folders |= {"/".join(parts[:i]) for i in range(1, len(parts))}
+            entry = {"type": "file", "path": path, "size": len(data)}
+            entry["oid"] = hashlib.sha1(data).hexdigest()
+            if _is_binary(path):
+                entry["lfs"] = {
+                    "oid": hashlib.sha256(data).hexdigest(),
+                    "size": len(data),
+                    "pointerSize": 134,
+                }
+            entries.append(entry)
+        entries += [{"type": "directory", "path": f, "oid": "0" * 40, "size": 0} for f in folders]
+        if sub:
+            entries = [e for e in entries if e["path"].startswith(sub.rstrip("/") + "/")]
+        self._json(200, entries)
 
     def preupload(self, repo, rev, body, head):
         if self._repo(repo, write=True) is None:
