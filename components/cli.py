@@ -1,4 +1,4 @@
-"""`t2i`: one entry point, one subcommand per stage (see ARCHITECTURE.md, CLI contract).
+"""`t2i`: one entry point, one subcommand per stage (see docs/ARCHITECTURE.md).
 
 Exit status: 0 success; 2 a usage or config error (the message names the flag or
 key); 1 any other failure, one line on stderr (traceback with --debug or T2I_DEBUG=1).
