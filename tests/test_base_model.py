@@ -63,3 +63,13 @@ def test_local_folder_that_is_not_a_model(tmp_path):
     (tmp_path / "junk").mkdir()
     with pytest.raises(T2IError, match="not a diffusers model folder"):
         base_model.run(ModelConfig(source=str(tmp_path / "junk")), tmp_path / "out")
+
+
+def test_license_comes_from_the_base_models_card(tmp_path):
+    from components.base_model import card_license
+
+    (tmp_path / "README.md").write_text("---\nlicense: creativeml-openrail-m\n---\n# SD\n")
+    assert card_license(tmp_path) == "creativeml-openrail-m"
+    (tmp_path / "README.md").write_text("# no metadata\n")
+    assert card_license(tmp_path) is None
+    assert card_license(tmp_path / "missing") is None

@@ -165,3 +165,43 @@ def test_version_folder_without_receipt_is_skipped_not_fatal(trained, evaluation
     cfg = PublishConfig(name="m", registry=str(tmp_path / "registry"))
     receipt = publish.run(cfg, trained[0] / "model", evaluation[0], tmp_path / "out")
     assert receipt.local.version == 2 and receipt.local.new
+
+
+def test_card_names_hub_base_model_and_dataset(trained, evaluation):
+    """A hub base model and a Hub dataset reach the card's metadata, which the Hub's
+    YAML rules (as the test Hub checks them) accept."""
+    import yaml
+
+    from components.common.records import BaseModelRecord, read_train_record
+    from components.publish.card import render_card
+    from components.publish.lineage import build_lineage
+
+    from .hub_server import validate_card_yaml
+
+    train = read_train_record(trained[0] / "model")
+    base = BaseModelRecord(
+        source="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        hub_id="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        revision="451f4fe16113bff5a5d2269ed5ad43b0592e9a14",
+        unet_sha256="0" * 64,
+        license="creativeml-openrail-m",
+    )
+    pack = train.pack.model_copy(update={"dataset_name": "lambdalabs/naruto-blip-captions"})
+    train = train.model_copy(update={"base_model": base, "pack": pack})
+    record = read_evaluation_record(evaluation[0])
+    lineage = build_lineage("naruto", train, record)
+    card = render_card(
+        repo_id="acme/naruto",
+        name="naruto",
+        license_=base.license,
+        version=2,
+        train=train,
+        evaluation=record,
+        lineage=lineage,
+    )
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["base_model"] == base.hub_id and meta["base_model_relation"] == "finetune"
+    assert meta["datasets"] == ["lambdalabs/naruto-blip-captions"]
+    assert meta["license"] == "creativeml-openrail-m"
+    assert validate_card_yaml(card) == []
+    assert "at revision `451f4fe1" in card and "# naruto (version 2)" in card

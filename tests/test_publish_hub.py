@@ -69,6 +69,7 @@ def test_one_commit_with_card_lineage_and_tag_then_no_second_commit(
     commits = state.commits(REPO_ID)
     assert len(commits) == 1  # retried through the 503, committed exactly once
     assert [r for r in state.requests if r.get("status") == 503]
+    assert any(r["path"] == "/api/validate-yaml" for r in state.requests)  # card checked first
     files = commits[0]["files"]
     repo = state.repos[REPO_ID]
     assert repo.tags == {"v1": commits[0]["oid"]} and repo.private
@@ -177,6 +178,7 @@ def test_retries_are_bounded_and_the_failure_is_one_line(hub, trained, evaluatio
             "hub_token: refused",
         ),
         ("no license", SENTINEL, ["publish.license=null"], {}, 2, "publish.license"),
+        ("bad card", SENTINEL, ["publish.license=no-such"], {}, 1, "rejects the model card"),
     ],
 )
 def test_bad_input_is_one_line_and_publishes_nothing(

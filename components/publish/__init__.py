@@ -106,6 +106,7 @@ def run(cfg: PublishConfig, model: Path, eval_dir: Path, out: Path) -> PublishRe
             card = render_card(
                 repo_id=repo_id,
                 name=cfg.name,
+                local_path=str(Path(cfg.registry) / cfg.name / str(version)),
                 license_=license_,
                 version=version,
                 train=train,

@@ -36,6 +36,7 @@ def render_card(
     *,
     repo_id: str | None,
     name: str,
+    local_path: str | None = None,
     license_: str | None,
     version: int,
     train: TrainRecord,
@@ -43,11 +44,12 @@ def render_card(
     lineage: dict[str, Any],
 ) -> str:
     """The card's full text (YAML metadata + markdown). `repo_id` is the Hub repo, or
-    None for the local registry (the usage snippet then loads the folder)."""
+    None for the local registry (the usage snippet then loads `local_path`)."""
     from huggingface_hub import ModelCard
 
     meta = card_metadata(repo_id or name, license_, train, evaluation)
-    body = _body(repo_id, name, version, train, evaluation, lineage)
+    load = repo_id or local_path or f"path/to/registry/{name}/{version}"
+    body = _body(load, name, version, train, evaluation, lineage)
     return str(ModelCard(f"---\n{meta.to_yaml()}\n---\n{body}"))
 
 
@@ -90,7 +92,7 @@ def card_metadata(model_name: str, license_: str | None, train, evaluation):
     )
 
 
-def _body(repo_id, name, version, train: TrainRecord, evaluation: EvaluationRecord, lineage):
+def _body(load: str, name, version, train: TrainRecord, evaluation: EvaluationRecord, lineage):
     base = train.base_model
     base_desc = "an offline tiny Stable Diffusion model (t2i-pipeline's `tiny`)"
     if base is not None and base.hub_id:
@@ -99,7 +101,6 @@ def _body(repo_id, name, version, train: TrainRecord, evaluation: EvaluationReco
             base_desc += f" at revision `{base.revision}`"
     elif base is not None and base.source != "tiny":
         base_desc = f"a local model (`{base.source}`)"
-    load = repo_id or f"path/to/registry/{name}/{version}"
     source = train.pack.dataset_name or train.pack.source
     lines = [
         f"# {name} (version {version})",
@@ -125,7 +126,7 @@ def _body(repo_id, name, version, train: TrainRecord, evaluation: EvaluationReco
         "| setting | value |",
         "|---|---|",
         *[f"| `{k}` | `{train.config.get(k)}` |" for k in _SETTINGS if k in train.config],
-        f"| steps | {train.steps} (resumed from step {train.resumed_from_step}) |",
+        f"| steps | {train.steps}{_resumed(train)} |",
         f"| loss | {train.initial_loss:.4f} -> {train.final_loss:.4f} |",
         f"| config hash | `{train.config_sha256[:16]}` |",
         "",
@@ -157,6 +158,10 @@ def _body(repo_id, name, version, train: TrainRecord, evaluation: EvaluationReco
         "",
     ]
     return "\n".join(lines)
+
+
+def _resumed(train: TrainRecord) -> str:
+    return f" (resumed at step {train.resumed_from_step})" if train.resumed_from_step else ""
 
 
 def _first_prompt(evaluation: EvaluationRecord) -> str:

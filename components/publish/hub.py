@@ -104,8 +104,10 @@ def _commit_once(api, cfg, files, unet_sha256, documents) -> HubPublication:
             new=False,
         )
     version = _next_version(cfg, tags)
+    docs = documents(version)
+    _validate_card(repo, docs["README.md"].decode())
     operations = [CommitOperationAdd(p, str(f)) for p, f in sorted(files.items())]
-    operations += [CommitOperationAdd(p, data) for p, data in documents(version).items()]
+    operations += [CommitOperationAdd(p, data) for p, data in docs.items()]
     info = api.create_commit(
         repo,
         operations,
@@ -116,6 +118,16 @@ def _commit_once(api, cfg, files, unet_sha256, documents) -> HubPublication:
     return HubPublication(
         repo_id=repo, url=url, commit=info.oid, tag=None, version=version, new=True
     )
+
+
+def _validate_card(repo: str, card: str) -> None:
+    """The Hub's own check of the card's metadata, before anything is uploaded."""
+    from huggingface_hub import ModelCard
+
+    try:
+        ModelCard(card).validate()
+    except ValueError as e:  # 400: the metadata breaks the Hub's rules
+        raise T2IError(f"{repo}: the Hub rejects the model card's metadata: {e}") from None
 
 
 def _current_lineage(api, repo: str, revision: str) -> dict[str, Any] | None:
