@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import re
 import threading
@@ -52,10 +53,16 @@ class HubState:
         self.lfs: dict[str, bytes] = {}
         self.requests: list[dict] = []
         self.failures: list[tuple[str, re.Pattern, int]] = []  # (method, path, status)
+        self.lost: list[tuple[str, re.Pattern]] = []
         self.lock = threading.Lock()
 
     def fail_once(self, method: str, path_pattern: str, status: int) -> None:
+        """The next matching request fails with `status` and changes nothing."""
         self.failures.append((method, re.compile(path_pattern), status))
+
+    def lose_response_once(self, method: str, path_pattern: str) -> None:
+        """The next matching request takes effect, but its answer is a 503."""
+        self.lost.append((method, re.compile(path_pattern)))
 
     def commits(self, repo_id: str) -> list[dict]:
         return self.repos[repo_id].commits[1:]  # after the repo's initial commit
@@ -112,6 +119,16 @@ class Handler(BaseHTTPRequestHandler):
                     del self.state.failures[i]
                     self.state.requests[-1]["status"] = status
                     return self._error(status, "injected failure", head=method == "HEAD")
+            lost = [i for i, (m, p) in enumerate(self.state.lost) if m == method and p.search(path)]
+            if lost:
+                del self.state.lost[lost[0]]
+                real, self.wfile = self.wfile, io.BytesIO()
+                try:
+                    self._route(method, path, body)
+                finally:
+                    self.wfile = real
+                self.state.requests[-1]["status"] = 503
+                return self._error(503, "the response was lost")
             try:
                 self._route(method, path, body)
             except Exception as e:  # a bug here should fail the test loudly, not hang it

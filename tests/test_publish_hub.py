@@ -110,6 +110,17 @@ def test_one_commit_with_card_lineage_and_tag_then_no_second_commit(
         assert SENTINEL not in path.read_text()
 
 
+def test_a_lost_commit_response_is_not_committed_twice(hub, trained, evaluation, tmp_path):
+    state, endpoint = hub
+    state.lose_response_once("POST", r"/commit/main$")  # committed, but the client sees 503
+    done = publish_cli(trained, evaluation, tmp_path, hub_env(endpoint, tmp_path))
+    assert done.returncode == 0, done.stderr
+    commits = state.commits(REPO_ID)
+    assert len(commits) == 1 and state.repos[REPO_ID].tags == {"v1": commits[0]["oid"]}
+    receipt = json.loads((tmp_path / "out" / "receipt.json").read_text())
+    assert receipt["hub"]["commit"] == commits[0]["oid"] and receipt["hub"]["tag"] == "v1"
+
+
 def test_published_model_loads_with_from_pretrained(hub, trained, evaluation, tmp_path):
     state, endpoint = hub
     env = hub_env(endpoint, tmp_path)

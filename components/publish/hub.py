@@ -92,7 +92,9 @@ def _commit_once(api, cfg, files, unet_sha256, documents) -> HubPublication:
     url = f"{api.endpoint}/{repo}"
     current = _current_lineage(api, repo, head) if head else None
     if current and current.get("unet_sha256") == unet_sha256:
-        version = int(current.get("version", 0)) or _next_version(cfg, tags) - 1
+        # The version it was published as (a lost response may have left it untagged).
+        version = int((current.get("published_as") or {}).get("version") or 0)
+        version = version or _next_version(cfg, tags)
         tag = cfg.tag_format.format(version=version)
         have_tag = tags.get(tag) == head
         return HubPublication(
