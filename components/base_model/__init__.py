@@ -6,7 +6,6 @@ folder is copied; a hub id is downloaded at `model.revision` (offline, a clear e
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 from components.common.config import ModelConfig
 from components.common.errors import T2IError
 from components.common.io import atomic_dir
-from components.common.models import check_model_dir, weights_sha256
+from components.common.models import check_model_dir, hub_offline, weights_sha256
 from components.common.records import BASE_MODEL_RECORD, BaseModelRecord, write_record
 
 # Files worth downloading from a hub repo: configs, safetensors weights, tokenizer, and
@@ -76,7 +75,7 @@ def card_license(model: Path) -> str | None:
 
 def _download(repo_id: str, revision: str | None, dest: Path) -> str:
     """Download a hub model's safetensors files; return the resolved commit."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+    if hub_offline():
         raise T2IError(
             f"model.source {repo_id!r} is a hub id but HF_HUB_OFFLINE is set; "
             "download it once online, or set model.source to a local folder or 'tiny'"

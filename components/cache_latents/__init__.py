@@ -32,6 +32,7 @@ from components.common.io import check_sha, sha256_file, sha256_json, write_json
 from components.common.records import (
     LATENT_MANIFEST,
     LatentManifest,
+    PackLineage,
     PackManifest,
     pack_lineage,
     read_pack_manifest,
@@ -137,7 +138,7 @@ def merge(shards: Path, out: Path, count: int | None = None) -> LatentManifest:
 
     T2IError when a part is missing or was made from other shards or another model.
     """
-    packed = read_pack_manifest(shards)
+    packed = pack_lineage(shards)  # the shards, and the lineage the manifest carries on
     if count is None:
         parts = sorted(out.glob("part-*-of-*.json"), key=lambda p: p.stat().st_mtime_ns)
         if not parts:
@@ -162,7 +163,7 @@ def merge(shards: Path, out: Path, count: int | None = None) -> LatentManifest:
         latent_shape=loaded[0]["latent_shape"],
         vae_scaling_factor=loaded[0]["vae_scaling_factor"],
         model=loaded[0]["model"],
-        pack=pack_lineage(shards),
+        pack=packed,
     )
     write_record(manifest, out / MANIFEST)
     listed = {MANIFEST} | {e.name for e in manifest.shards}
@@ -217,5 +218,5 @@ def _entry(out: Path, job: dict) -> dict:
     }
 
 
-def _packed_fingerprint(packed: PackManifest) -> str:
+def _packed_fingerprint(packed: PackManifest | PackLineage) -> str:
     return sha256_json([(s.name, s.sha256) for s in packed.shards])

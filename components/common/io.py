@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from components.common.errors import T2IError
+
 _CHUNK = 1 << 20
 
 
@@ -31,8 +33,6 @@ def sha256_file(path: Path) -> str:
 
 def check_sha(path: Path, expected: str) -> None:
     """T2IError naming the shard when it is missing or its bytes changed."""
-    from components.common.errors import T2IError
-
     if not path.is_file():
         raise T2IError(f"{path}: shard missing; re-run the stage that writes it")
     if sha256_file(path) != expected:
@@ -103,8 +103,13 @@ def write_bytes_atomic(final: Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def json_bytes(obj: Any) -> bytes:
+    """The JSON form every artifact uses: indented, sorted keys, a final newline."""
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
 def write_json_atomic(final: Path, obj: Any) -> None:
-    write_bytes_atomic(final, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    write_bytes_atomic(final, json_bytes(obj))
 
 
 @contextlib.contextmanager

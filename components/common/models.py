@@ -9,6 +9,14 @@ from components.common.errors import T2IError
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE is set, read now (huggingface_hub reads it once, at import), with
+    the values huggingface_hub treats as true."""
+    import os
+
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
 def default_device() -> str:
     """CUDA when there is a GPU, else CPU: inference stages (cache, evaluate) use it."""
     import torch

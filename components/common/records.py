@@ -20,6 +20,7 @@ another schema version is refused with a message that says which stage to re-run
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -30,7 +31,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from components.common.errors import T2IError
-from components.common.io import check_sha, sha256_file, write_json_atomic
+from components.common.io import check_sha, write_json_atomic
 
 SCHEMA_VERSION = 1
 
@@ -78,7 +79,7 @@ class PackManifest(Versioned):
     """What a pack output holds: its shards (with sha256), counts and rejections."""
 
     format: str
-    source: str
+    source: str = ""  # manifests written before lineage lack it: kept, not repacked
     dataset_name: str | None = None
     source_fingerprint: str
     shards: list[PackedShard]
@@ -95,13 +96,14 @@ def read_pack_manifest(shards_dir: Path) -> PackManifest:
 
 
 def pack_lineage(shards_dir: Path) -> PackLineage:
-    """The pack output's lineage, with the manifest file's own sha256."""
+    """The pack output's lineage, with the manifest file's own sha256 (one read)."""
     path = Path(shards_dir) / PACK_MANIFEST
-    m = read_pack_manifest(shards_dir)
+    data = _read_bytes(path, "t2i pack")
+    m = _parse(PackManifest, data, path, "t2i pack")
     return PackLineage(
         source=m.source,
         source_fingerprint=m.source_fingerprint,
-        manifest_sha256=sha256_file(path),
+        manifest_sha256=hashlib.sha256(data).hexdigest(),
         shards=m.shards,
         samples=m.samples,
         rejected_by_reason=m.rejected_by_reason,
@@ -122,6 +124,15 @@ class LatentShard(Record):
     sha256: str
 
 
+class CacheLineage(Record):
+    """The cache's part of the lineage: its settings, the weights in every key, and
+    each latent shard's key and sha256."""
+
+    cache_config: dict[str, Any]
+    model: dict[str, Any]
+    shards: list[dict[str, str]]  # {"name", "key", "sha256"}
+
+
 class LatentManifest(Versioned):
     """What a latent shard set holds.
 
@@ -140,12 +151,12 @@ class LatentManifest(Versioned):
     model: dict[str, Any]  # the weights' hashes and settings in every cache key
     pack: PackLineage
 
-    def lineage(self) -> dict[str, Any]:
-        return {
-            "cache_config": self.cache_config,
-            "model": self.model,
-            "shards": [{"name": s.name, "key": s.key, "sha256": s.sha256} for s in self.shards],
-        }
+    def lineage(self) -> CacheLineage:
+        return CacheLineage(
+            cache_config=self.cache_config,
+            model=self.model,
+            shards=[{"name": s.name, "key": s.key, "sha256": s.sha256} for s in self.shards],
+        )
 
 
 def read_latent_manifest(latents: Path) -> LatentManifest:
@@ -216,7 +227,7 @@ class TrainRecord(Versioned):
     final_loss: float
     images_per_second: float
     base_model: BaseModelRecord | None
-    latents: dict[str, Any]
+    latents: CacheLineage
     pack: PackLineage
     environment: dict[str, Any]
 
@@ -325,12 +336,23 @@ def write_record(record: Record, path: Path) -> None:
 
 
 def _read(kind: type[R], path: Path, stage: str) -> R:
+    return _parse(kind, _read_bytes(path, stage), path, stage)
+
+
+def _read_bytes(path: Path, stage: str) -> bytes:
     try:
-        raw = json.loads(path.read_text())
+        return path.read_bytes()
     except FileNotFoundError:
         raise T2IError(f"{path}: missing; run `{stage}` first") from None
-    except (OSError, ValueError) as e:
+    except OSError as e:
         raise T2IError(f"{path}: unreadable ({e}); run `{stage}` again") from None
+
+
+def _parse(kind: type[R], data: bytes, path: Path, stage: str) -> R:
+    try:
+        raw = json.loads(data)
+    except ValueError as e:
+        raise T2IError(f"{path}: not JSON ({e}); run `{stage}` again") from None
     try:
         return kind.model_validate(raw)
     except ValidationError as e:
@@ -375,8 +397,9 @@ def dvc_state() -> dict[str, Any] | None:
         return state
     import yaml
 
-    state["lock_sha256"] = sha256_file(lock)
-    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    data = lock.read_bytes()
+    state["lock_sha256"] = hashlib.sha256(data).hexdigest()
+    stages = (yaml.safe_load(data) or {}).get("stages", {})
     state["stages"] = {
         name: {o["path"]: o.get("md5") for o in stage.get("outs", [])}
         for name, stage in stages.items()

@@ -101,7 +101,11 @@ def run(cfg: EvaluateConfig, model: Path, base_model: Path, latents: Path, out: 
     write_json_atomic(out / "metrics.json", metrics)
     record = EvaluationRecord(
         unet_sha256=weights_sha256(model, "unet"),
-        metrics={k: float(v) for k, v in metrics.items() if isinstance(v, int | float)},
+        metrics={
+            k: float(v)
+            for k, v in metrics.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        },
         checks=checks,
         passed=report.gate_passed,
         samples=samples,

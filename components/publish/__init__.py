@@ -20,6 +20,7 @@ from pathlib import Path
 
 from components.common.config import PublishConfig
 from components.common.errors import ConfigError, T2IError
+from components.common.io import json_bytes
 from components.common.models import check_model_dir, weights_sha256
 from components.common.records import (
     EVALUATION_RECORD,
@@ -64,14 +65,16 @@ def run(cfg: PublishConfig, model: Path, eval_dir: Path, out: Path) -> PublishRe
     Raises ConfigError when the target cannot work here (no token, offline, no
     license), T2IError for an incomplete model folder, an evaluation of another model
     or a Hub failure, and GateFailed (after writing the receipt) when the gate failed.
+    A receipt from an earlier run is removed first, so only a finished run leaves one.
     """
-    model, out = Path(model), Path(out)
+    model, eval_dir, out = Path(model), Path(eval_dir), Path(out)
+    (out / RECEIPT).unlink(missing_ok=True)
     check_complete(model)
     train, evaluation = read_train_record(model), read_evaluation_record(eval_dir)
     unet_sha = weights_sha256(model, "unet")
     if evaluation.unet_sha256 != unet_sha:
         raise T2IError(
-            f"{Path(eval_dir) / EVALUATION_RECORD}: evaluates another model than {model}; "
+            f"{eval_dir / EVALUATION_RECORD}: evaluates another model than {model}; "
             "re-run `t2i evaluate` on it"
         )
     lineage = build_lineage(cfg.name, train, evaluation)
@@ -97,46 +100,58 @@ def run(cfg: PublishConfig, model: Path, eval_dir: Path, out: Path) -> PublishRe
             "publish.license is required for the Hub and the base model's card names none; "
             "set it (e.g. creativeml-openrail-m for SD 1.x fine-tunes, or your own)"
         )
-    files = version_files(model, Path(eval_dir), evaluation)
-
-    def documents(repo_id: str | None, target: str):
-        def make(version: int) -> dict[str, bytes]:
-            tag = cfg.tag_format.format(version=version)
-            doc = {**lineage, "published_as": {"target": target, "version": version, "tag": tag}}
-            card = render_card(
-                repo_id=repo_id,
-                name=cfg.name,
-                local_path=str(Path(cfg.registry) / cfg.name / str(version)),
-                license_=license_,
-                version=version,
-                train=train,
-                evaluation=evaluation,
-                lineage=doc,
-            )
-            return {"README.md": card.encode(), LINEAGE: _json_bytes(doc)}
-
-        return make
-
+    files = version_files(model, eval_dir, evaluation)
+    docs = _Documents(cfg, license_, train, evaluation, lineage)
     if cfg.target in ("local", "both"):
-        local_docs = documents(None, "local")
-
-        def fill(folder: Path, version: int) -> None:
-            for rel, src in files.items():
-                (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(src, folder / rel)
-            for rel, data in local_docs(version).items():
-                (folder / rel).write_bytes(data)
-            done = receipt.model_copy(update={"published": True, "published_at": _now()})
-            write_record(done, folder / RECEIPT)
-
-        root = Path(cfg.registry) / cfg.name
-        receipt.local = publish_local(root, unet_sha, fill)
+        receipt.local = _publish_to_registry(cfg, files, docs, receipt)
     if hub:
-        docs = documents(cfg.hub_model_id, "hub")
-        receipt.hub = publish_hub(cfg, files, unet_sha, docs, token)
+        receipt.hub = publish_hub(cfg, files, unet_sha, docs.for_hub, token)
     receipt.published, receipt.published_at = True, _now()
     write_record(receipt, out / RECEIPT)
     return receipt
+
+
+class _Documents:
+    """The card and `lineage.json` of a version: both name the version and the target."""
+
+    def __init__(self, cfg, license_, train, evaluation, lineage):
+        self.cfg, self.license = cfg, license_
+        self.train, self.evaluation, self.lineage = train, evaluation, lineage
+
+    def for_hub(self, version: int) -> dict[str, bytes]:
+        return self._make(version, "hub", self.cfg.hub_model_id)
+
+    def for_registry(self, version: int) -> dict[str, bytes]:
+        return self._make(version, "local", None)
+
+    def _make(self, version: int, target: str, repo_id: str | None) -> dict[str, bytes]:
+        cfg = self.cfg
+        tag = cfg.tag_format.format(version=version)
+        doc = {**self.lineage, "published_as": {"target": target, "version": version, "tag": tag}}
+        card = render_card(
+            repo_id=repo_id,
+            name=cfg.name,
+            local_path=str(Path(cfg.registry) / cfg.name / str(version)),
+            license_=self.license,
+            version=version,
+            train=self.train,
+            evaluation=self.evaluation,
+            lineage=doc,
+        )
+        return {"README.md": card.encode(), LINEAGE: json_bytes(doc)}
+
+
+def _publish_to_registry(cfg, files: dict[str, Path], docs: _Documents, receipt: PublishReceipt):
+    def fill(folder: Path, version: int) -> None:
+        for rel, src in files.items():
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, folder / rel)
+        for rel, data in docs.for_registry(version).items():
+            (folder / rel).write_bytes(data)
+        done = receipt.model_copy(update={"published": True, "published_at": _now()})
+        write_record(done, folder / RECEIPT)
+
+    return publish_local(Path(cfg.registry) / cfg.name, receipt.unet_sha256, fill)
 
 
 def check_complete(model: Path) -> None:
@@ -166,12 +181,6 @@ def version_files(model: Path, eval_dir: Path, evaluation: EvaluationRecord) -> 
             raise T2IError(f"{path}: missing from the evaluation; re-run `t2i evaluate`")
         files[f"eval/{rel}"] = path
     return files
-
-
-def _json_bytes(doc: dict) -> bytes:
-    import json
-
-    return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
 
 
 def _now() -> str:

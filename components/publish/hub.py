@@ -30,17 +30,17 @@ from typing import Any, TypeVar
 
 from components.common.config import PublishConfig
 from components.common.errors import ConfigError, T2IError
+from components.common.models import hub_offline
 from components.common.records import LINEAGE, HubPublication
 
 T = TypeVar("T")
 _RETRIED = {408, 409, 412, 425, 429, 500, 502, 503, 504}  # 409/412: the branch moved under us
-_OFFLINE = ("1", "true", "yes", "on")
 
 
 def hub_token() -> str:
     """The token where `huggingface_hub` looks (HF_TOKEN, the `hf auth login` file).
     ConfigError when publishing to the Hub is impossible here (offline, no token)."""
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _OFFLINE:
+    if hub_offline():
         raise ConfigError(
             "publish.target needs the Hugging Face Hub but HF_HUB_OFFLINE is set; "
             "unset HF_HUB_OFFLINE (or set publish.target: local)"

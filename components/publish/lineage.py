@@ -37,7 +37,7 @@ def build_lineage(name: str, train: TrainRecord, evaluation: EvaluationRecord) -
             "samples": pack.samples,
             "rejected_by_reason": pack.rejected_by_reason,
         },
-        "cache": train.latents,
+        "cache": train.latents.model_dump(),
         "base_model": train.base_model.model_dump() if train.base_model else None,
         "train": {
             "config": train.config,

@@ -27,6 +27,7 @@ from components.common.config import TrainConfig
 from components.common.io import atomic_dir, sha256_json
 from components.common.models import weights_sha256
 from components.common.records import (
+    BASE_MODEL_RECORD,
     TRAIN_RECORD,
     LatentManifest,
     TrainRecord,
@@ -84,12 +85,10 @@ class Run:
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     stream: LatentStream
-    scaling_factor: float
     fingerprint: str
     model: Path
     checkpoint_dir: Path
     reports: Path
-    resolution: int
     latents: LatentManifest
 
 
@@ -201,12 +200,10 @@ def _prepare(cfg, latents, manifest, models_at, reports, checkpoint_dir) -> Run:
         optimizer,
         lr_scheduler,
         stream,
-        manifest.vae_scaling_factor,
         fingerprint,
         model,
         checkpoint_dir,
         reports,
-        manifest.resolution,
         manifest,
     )
 
@@ -266,7 +263,7 @@ def train_steps(r: Run, step: int, max_steps: int, log: LossLog) -> LossLog:
                 r.models.noise_scheduler,
                 batch,
                 draws,
-                r.scaling_factor,
+                r.latents.vae_scaling_factor,
                 r.stream.global_batch,
                 acc.device,
                 objective,
@@ -347,7 +344,7 @@ def _maybe_validate(r: Run, step: int, epoch: int) -> None:
             r.accelerator,
             r.reports / "validation",
             step,
-            r.resolution,
+            r.latents.resolution,
         )
 
 
@@ -380,7 +377,7 @@ def save_pipeline(
             base,
             tmp,
             dirs_exist_ok=True,
-            ignore=shutil.ignore_patterns("unet", "base_model.json", TRAIN_RECORD),
+            ignore=shutil.ignore_patterns("unet", BASE_MODEL_RECORD, TRAIN_RECORD),
         )
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
         noise_scheduler.save_pretrained(tmp / "scheduler")
