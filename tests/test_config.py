@@ -29,6 +29,34 @@ def test_unknown_key_names_key_and_file(tmp_path):
     assert "train.learing_rate: unknown key" in str(err.value)
 
 
+def test_unknown_key_suggests_the_closest_name(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_params(write(tmp_path, "train:\n  learnig_rate: 1.0e-4\n"))
+    assert "train.learnig_rate: unknown key (did you mean `learning_rate`?)" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_params(write(tmp_path, "trian:\n  seed: 1\n"))
+    assert "did you mean `train`?" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_params(write(tmp_path, "train:\n  zzzz: 1\n"))
+    assert str(err.value).endswith("train.zzzz: unknown key")
+
+
+def test_params_as_dvc_rewrites_them_yaml_1_2(tmp_path):
+    """`dvc exp run -S` rewrites params.yaml with ruamel (YAML 1.2) and drops the quotes
+    around "no"; YAML 1.1 (PyYAML) would read it as False."""
+    text = "train:\n  mixed_precision: no\n  learning_rate: 1e-4\n  tracker_project_name: on\n"
+    params = load_params(write(tmp_path, text))
+    assert params.train.mixed_precision == "no"
+    assert params.train.learning_rate == pytest.approx(1e-4)
+    assert params.train.tracker_project_name == "on"
+    assert load_params(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+
+
+def test_duplicate_key_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="line 3.*duplicate key"):
+        load_params(write(tmp_path, "train:\n  seed: 1\n  seed: 2\n"))
+
+
 def test_unknown_section(tmp_path):
     with pytest.raises(ConfigError, match="trian: unknown key"):
         load_params(write(tmp_path, "trian:\n  seed: 1\n"))

@@ -7,11 +7,11 @@ values are `ConfigError`s naming the file and the key.
 
 from __future__ import annotations
 
+import difflib
 import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from components.common.errors import ConfigError
@@ -266,16 +266,31 @@ class Params(Section):
     pipeline: PipelineConfig = PipelineConfig()
 
 
+def yaml_load(text: str) -> Any:
+    """Parse YAML 1.2, as DVC reads and rewrites `params.yaml` (`dvc exp run -S`).
+
+    Under YAML 1.2 `no`, `on` and `off` are strings and `1e-4` is a number (PyYAML's
+    YAML 1.1 reads `mixed_precision: no` as False once DVC drops the quotes). A key
+    given twice is an error, not a silent last-one-wins.
+    """
+    from ruamel.yaml import YAML
+
+    return YAML(typ="safe", pure=True).load(text)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split `section.key=value` into a key path and a YAML-parsed value."""
+    from ruamel.yaml import YAMLError
+
     key, sep, raw = text.partition("=")
     parts = key.strip().split(".")
     if not sep or len(parts) < 2 or not all(parts):
         raise ConfigError(f"--set {text!r}: expected section.key=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--set {text!r}: value is not valid YAML ({e})") from None
+        value = yaml_load(raw) if raw.strip() else None
+    except YAMLError as e:
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise ConfigError(f"--set {text!r}: value is not valid YAML ({problem})") from None
     return parts, value
 
 
@@ -297,7 +312,7 @@ def describe_errors(err: ValidationError, where: str) -> str:
     parts = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        msg = _unknown_key(e["loc"]) if e["type"] == "extra_forbidden" else e["msg"]
         msg = msg.removeprefix("Value error, ")
         # Our own validators name the value when it helps; a secret is never echoed.
         echo = e["type"] not in ("extra_forbidden", "value_error") and "token" not in key
@@ -305,6 +320,17 @@ def describe_errors(err: ValidationError, where: str) -> str:
             msg += f" (got {e['input']!r})"
         parts.append(f"{key}: {msg}")
     return f"{where}: " + "; ".join(parts)
+
+
+def _unknown_key(loc: tuple) -> str:
+    """`unknown key`, with the closest valid name when there is one."""
+    model: Any = Params
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if hasattr(model, "model_fields") else None
+        model = field.annotation if field else None
+    names = list(getattr(model, "model_fields", {}))
+    close = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.6)
+    return f"unknown key (did you mean `{close[0]}`?)" if close else "unknown key"
 
 
 def load_params(path: Path | str | None = "params.yaml", overrides: list[str] = ()) -> Params:
@@ -319,14 +345,18 @@ def load_params(path: Path | str | None = "params.yaml", overrides: list[str] = 
     if path is not None:
         path = Path(path)
         where = str(path)
+        from ruamel.yaml import YAMLError
+
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml_load(path.read_text()) or {}
         except FileNotFoundError:
             raise ConfigError(f"{path}: params file not found (pass --params FILE)") from None
-        except yaml.YAMLError as e:
+        except YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             at = f" at line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}: not valid YAML{at}") from None
+            problem = getattr(e, "problem", None)
+            why = f": {problem}" if problem else ""
+            raise ConfigError(f"{path}: not valid YAML{at}{why}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     if overrides:
