@@ -170,7 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pipe = stage("pipeline", _pipeline, "compile, run locally, submit or schedule the KFP DAG")
     pipe.add_argument("action", choices=["compile", "run-local", "submit", "schedule"])
-    pipe.add_argument("--output", type=Path, default=Path("pipelines/compiled/finetune.yaml"))
+    pipe.add_argument(
+        "--output",
+        type=Path,
+        help="compile: where to write (default: pipelines/compiled/finetune.yaml from "
+        "params.yaml alone; with --set or another --params, artifacts/pipeline/finetune.yaml)",
+    )
     pipe.add_argument(
         "--root",
         type=Path,

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import warnings
 from pathlib import Path
 
 from components.common.config import Params
 from components.common.errors import ConfigError, T2IError
-from components.common.io import atomic_path, sha256_tree
+from components.common.io import atomic_path, sha256_file, sha256_tree
 from pipelines.finetune import build_pipeline
 
 
@@ -22,9 +23,25 @@ def compile_pipeline(params: Params, output: Path) -> Path:
     return Path(output)
 
 
+COMMITTED = Path("pipelines/compiled/finetune.yaml")
+LOCAL = Path("artifacts/pipeline/finetune.yaml")
+
+
+def compile_target(args) -> Path:
+    """Where `t2i pipeline compile` writes: `--output`; else the committed YAML, which is
+    compiled from params.yaml alone; a compile with overrides or another params file
+    goes to artifacts/ so local values never land in the committed file by accident."""
+    if args.output is not None:
+        return args.output
+    default_params = args.params.resolve() == Path("params.yaml").resolve()
+    return COMMITTED if default_params and not args.overrides else LOCAL
+
+
 def source_fingerprint(source: Path) -> str:
-    """Content hash of a local source folder (empty for a remote URI)."""
-    return sha256_tree(source) if source.is_dir() else ""
+    """Content hash of a local source folder or file (empty for a remote URI)."""
+    if source.is_dir():
+        return sha256_tree(source)
+    return sha256_file(source) if source.is_file() else ""
 
 
 def run_local(params: Params, root: Path) -> dict:
@@ -32,8 +49,11 @@ def run_local(params: Params, root: Path) -> dict:
     from kfp import local
 
     source = Path(params.data.source).resolve()
-    if not source.is_dir():
-        raise ConfigError(f"data.source {params.data.source!r}: no such folder")
+    if not params.data.dataset_name and not source.exists():
+        raise ConfigError(
+            f"data.source {params.data.source!r}: no such folder or file "
+            "(a folder, or a .tar / .parquet file; or set data.dataset_name)"
+        )
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     local.init(
@@ -44,6 +64,10 @@ def run_local(params: Params, root: Path) -> dict:
     )
     warnings.filterwarnings("ignore", message=".*non-Python base image.*")  # it is our image
     warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
+    # A local run is an experiment: publish skips it unless publish.from_experiments.
+    # (kfp.local's subprocesses inherit this environment.)
+    previous = os.environ.get("T2I_EXPERIMENT")
+    os.environ["T2I_EXPERIMENT"] = f"run-local {root.name}"
     try:
         task = build_pipeline(params)(
             source=str(source),
@@ -52,6 +76,11 @@ def run_local(params: Params, root: Path) -> dict:
         )
     except RuntimeError as e:
         raise T2IError(f"local pipeline run failed: {e}") from None
+    finally:
+        if previous is None:
+            os.environ.pop("T2I_EXPERIMENT", None)
+        else:
+            os.environ["T2I_EXPERIMENT"] = previous
     return {"root": str(root), "outputs": sorted(getattr(task, "outputs", {}) or {})}
 
 
@@ -96,7 +125,9 @@ def _client(params: Params):
 
 def dispatch(params: Params, args) -> str:
     if args.action == "compile":
-        return f"compiled pipeline -> {compile_pipeline(params, args.output)}"
+        target = compile_target(args)
+        note = "" if target != LOCAL else f" (local values; {COMMITTED} is left as it is)"
+        return f"compiled pipeline -> {compile_pipeline(params, target)}{note}"
     if args.action == "run-local":
         result = run_local(params, args.root)
         return f"local pipeline run finished; artifacts under {result['root']}"

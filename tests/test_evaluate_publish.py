@@ -45,6 +45,31 @@ def test_held_out_loss_is_reproducible(trained, tiny_model, latents, tmp_path, e
     assert again["tuned_val_loss"] == first["tuned_val_loss"]
 
 
+@pytest.mark.parametrize("variable", ["DVC_EXP_NAME", "T2I_EXPERIMENT"])
+def test_experiments_do_not_publish_unless_asked(
+    trained, evaluation, tmp_path, monkeypatch, variable
+):
+    monkeypatch.setenv(variable, "lunar-moth")
+    cfg = PublishConfig(name="m", registry=str(tmp_path / "registry"))
+    receipt = publish.run(cfg, trained[0] / "model", evaluation[0], tmp_path / "out")
+    assert not receipt.published and receipt.experiment == "lunar-moth" and receipt.passed
+    assert "publish.from_experiments" in receipt.reason
+    assert read_receipt(tmp_path / "out" / "receipt.json").reason == receipt.reason
+    assert not (tmp_path / "registry").exists()
+    # A failed gate in an experiment is recorded, not an error: the run's metrics stand.
+    strict = tmp_path / "strict"
+    shutil.copytree(evaluation[0], strict)
+    record = json.loads((strict / "evaluation.json").read_text())
+    record["passed"] = False
+    record["checks"][0]["passed"] = False
+    (strict / "evaluation.json").write_text(json.dumps(record))
+    failed = publish.run(cfg, trained[0] / "model", strict, tmp_path / "out2")
+    assert not failed.published and "gate failed" in failed.reason
+    asked = cfg.model_copy(update={"from_experiments": True})
+    done = publish.run(asked, trained[0] / "model", evaluation[0], tmp_path / "out")
+    assert done.published and done.local.version == 1
+
+
 def test_publish_versions_and_is_idempotent(trained, evaluation, tmp_path):
     cfg = PublishConfig(name="m", registry=str(tmp_path / "registry"))
     first = publish.run(cfg, trained[0] / "model", evaluation[0], tmp_path / "out")

@@ -6,7 +6,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from components.cli import main
 from components.common.config import load_params
+from components.common.errors import ConfigError
+from components.common.io import sha256_file
+from pipelines import commands
 from pipelines.commands import compile_pipeline, run_local
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,13 +58,60 @@ def test_cache_workers_compile_to_a_parallel_for_and_a_merge(tmp_path):
     assert json.loads(defaults["train_params"]["defaultValue"]) == params.train.model_dump()
 
 
+def test_compile_with_overrides_leaves_the_committed_yaml_alone(tmp_path, monkeypatch, capsys):
+    (tmp_path / "pipelines" / "compiled").mkdir(parents=True)
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    committed = tmp_path / "pipelines" / "compiled" / "finetune.yaml"
+    committed.write_text("committed\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["pipeline", "compile", "--set", "train.learning_rate=5e-4"]) == 0
+    assert committed.read_text() == "committed\n"
+    local = tmp_path / "artifacts" / "pipeline" / "finetune.yaml"
+    assert "0.0005" in local.read_text()
+    assert "artifacts/pipeline/finetune.yaml" in capsys.readouterr().out
+    assert main(["pipeline", "compile", "--set", "train.seed=3", "--output", "x.yaml"]) == 0
+    assert (tmp_path / "x.yaml").is_file() and committed.read_text() == "committed\n"
+    assert main(["pipeline", "compile"]) == 0  # no overrides: the committed file
+    assert committed.read_text() == COMPILED.read_text()
+
+
+def _parquet(sample: Path, out: Path) -> Path:
+    """The sample folder as one parquet file (image bytes + text)."""
+    import datasets
+
+    rows = [json.loads(line) for line in (sample / "metadata.jsonl").read_text().splitlines()]
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+    ds = datasets.Dataset.from_dict(
+        {"image": [str(sample / r["file_name"]) for r in rows], "text": [r["text"] for r in rows]},
+        features=features,
+    )
+    ds.to_parquet(str(out))
+    return out
+
+
+def test_run_local_accepts_a_parquet_file_source(tmp_path, sample_source, monkeypatch):
+    """`dvc repro` packs a .parquet file; run-local must accept the same source."""
+    parquet = _parquet(sample_source, tmp_path / "data.parquet")
+    seen = {}
+    monkeypatch.setattr(
+        commands, "build_pipeline", lambda params: lambda **kw: seen.update(kw) or None
+    )
+    params = load_params(None, [f"data.source={parquet}"])
+    run_local(params, tmp_path / "root")
+    assert seen["source"] == str(parquet)
+    assert seen["source_fingerprint"] == sha256_file(parquet)
+    with pytest.raises(ConfigError, match="'nowhere.parquet': no such folder or file"):
+        run_local(load_params(None, ["data.source=nowhere.parquet"]), tmp_path / "root")
+
+
 @pytest.mark.slow
 def test_run_local_completes_with_every_artifact(tmp_path, sample_source, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    parquet = _parquet(sample_source, tmp_path / "data.parquet")  # a file source, as DVC's
     params = load_params(
         None,
         [
-            f"data.source={sample_source}",
+            f"data.source={parquet}",
             "train.max_train_steps=4",
             "train.train_batch_size=4",
             "evaluate.num_inference_steps=1",
@@ -80,5 +131,8 @@ def test_run_local_completes_with_every_artifact(tmp_path, sample_source, monkey
     assert (run_dir / "train-op" / "model" / "unet").is_dir()
     assert (run_dir / "evaluate-op" / "evaluation" / "grid.png").is_file()
     receipt = json.loads((run_dir / "publish-op" / "receipt" / "receipt.json").read_text())
-    assert receipt["published"] is True
-    assert (tmp_path / "registry" / "t2i-tiny" / "1" / "model_index.json").is_file()
+    # A local run is an experiment: evaluated and gated, not published by default.
+    assert receipt["published"] is False and receipt["passed"] is True
+    assert receipt["experiment"].startswith("run-local")
+    assert "publish.from_experiments" in receipt["reason"]
+    assert not (tmp_path / "registry").exists()

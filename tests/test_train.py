@@ -7,6 +7,7 @@ from safetensors.torch import load_file
 
 from components import train_unet
 from components.common.errors import ConfigError
+from components.train_unet import checkpoints
 
 from .conftest import TRAIN
 
@@ -70,6 +71,66 @@ def test_latest_ignores_checkpoints_of_another_run(trained, latents, tiny_model,
         other, latents, tiny_model, tmp_path / "model", tmp_path / "train", tmp_path / "checkpoints"
     )
     assert report.resumed_from_step == 0 and report.steps == 2
+
+
+def test_a_longer_runs_checkpoint_is_never_resumed_into_a_shorter_run(
+    trained, latents, tiny_model, tmp_path, capsys
+):
+    """checkpoint-20/30 of the 30-step run; asking for 10 steps trains 10 from scratch
+    (DVC would otherwise record 10 steps for a 30-step model), and its own checkpoint
+    survives the pruning of the longer run's."""
+    root, _ = trained
+    shutil.copytree(root / "checkpoints", tmp_path / "checkpoints")
+    short = TRAIN.model_copy(update={"max_train_steps": 10})
+    report = train_unet.run(
+        short, latents, tiny_model, tmp_path / "model", tmp_path / "train", tmp_path / "checkpoints"
+    )
+    assert report.resumed_from_step == 0 and report.steps == 10
+    assert "not resuming checkpoint-30: it belongs to a 30-step run" in capsys.readouterr().out
+    kept = {p.name for p in (tmp_path / "checkpoints").iterdir()}
+    assert kept == {"checkpoint-10", "checkpoint-30"}  # the oldest commit (20) was pruned
+    assert checkpoints.read_state(tmp_path / "checkpoints" / "checkpoint-10")["max_steps"] == 10
+    with pytest.raises(ConfigError, match="at step 30, past train.max_train_steps=10"):
+        path = str(tmp_path / "checkpoints" / "checkpoint-30")
+        train_unet.run(
+            short.model_copy(update={"resume_from_checkpoint": path}),
+            latents,
+            tiny_model,
+            tmp_path / "m2",
+        )
+
+
+def test_extending_a_run_resumes_it_and_says_so(trained, latents, tiny_model, tmp_path, capsys):
+    root, _ = trained
+    shutil.copytree(root / "checkpoints", tmp_path / "checkpoints")
+    longer = TRAIN.model_copy(update={"max_train_steps": 34})
+    report = train_unet.run(
+        longer,
+        latents,
+        tiny_model,
+        tmp_path / "model",
+        tmp_path / "train",
+        tmp_path / "checkpoints",
+    )
+    assert report.resumed_from_step == 30 and report.steps == 34
+    out = capsys.readouterr().out
+    assert "extending a 30-step run from checkpoint-30 to 34 steps" in out
+    assert "LR schedule is recomputed" in out
+    # The tracker run continues under the checkpoint's run id.
+    run_id = checkpoints.read_state(root / "checkpoints" / "checkpoint-30")["run_id"]
+    runs = [p.name for p in (tmp_path / "train" / "logs" / TRAIN.tracker_project_name).iterdir()]
+    assert runs == [run_id]
+
+
+def test_each_training_run_logs_to_its_own_tensorboard_run(trained, latents, tiny_model, tmp_path):
+    root, _ = trained
+    shutil.copytree(root / "train", tmp_path / "train")
+    other = TRAIN.model_copy(update={"learning_rate": 5e-4, "max_train_steps": 2})
+    train_unet.run(
+        other, latents, tiny_model, tmp_path / "model", tmp_path / "train", tmp_path / "ckpt"
+    )
+    runs = sorted((tmp_path / "train" / "logs" / TRAIN.tracker_project_name).iterdir())
+    assert len(runs) == 2 and all(list(r.glob("events.out.tfevents.*")) for r in runs)
 
 
 def test_v_prediction_and_accumulation_run(latents, tiny_model, tmp_path):

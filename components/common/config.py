@@ -196,6 +196,9 @@ class PublishConfig(Section):
     # Required for the Hub; null: the base model card's license (else an error).
     license: str | None = None
     tag_format: str = "v{version}"
+    # Experiments (`dvc exp run`, `t2i pipeline run-local`) publish only when true; the
+    # receipt of one that did not says so. Committed runs (`dvc repro`, KFP) publish.
+    from_experiments: bool = False
     # 429, 5xx and connection errors are retried this many times, waiting
     # retry_backoff_s, then twice that, ... (with jitter).
     max_retries: int = Field(5, ge=0, le=20)

@@ -301,6 +301,8 @@ class PublishReceipt(Versioned):
     unet_sha256: str
     published: bool
     reason: str | None = None
+    experiment: str | None = None  # the experiment that ran it (DVC_EXP_NAME, run-local)
+    passed: bool | None = None  # the evaluation gate's verdict
     checks: list[GateCheck] = Field(default_factory=list)
     metrics: dict[str, float] = Field(default_factory=dict)
     local: LocalPublication | None = None

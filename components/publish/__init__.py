@@ -8,12 +8,15 @@ model, training, evaluation, code) and the evaluation images under `eval/`.
 - `target: hub`: one commit and a tag in `hub_model_id` (`hub.py`);
 - `target: both`: the registry first, then the Hub.
 
-Publishing the same UNet again makes no new version anywhere. `out/receipt.json`
-says what was published where (or why not), with the lineage.
+Publishing the same UNet again makes no new version anywhere. An experiment
+(`dvc exp run`, which sets DVC_EXP_NAME; `t2i pipeline run-local`, T2I_EXPERIMENT)
+publishes nothing unless `publish.from_experiments`. `out/receipt.json` says what was
+published where (or why not), with the lineage.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
@@ -83,10 +86,21 @@ def run(cfg: PublishConfig, model: Path, eval_dir: Path, out: Path) -> PublishRe
         target=cfg.target,
         unet_sha256=unet_sha,
         published=False,
+        experiment=experiment_name(),
+        passed=evaluation.passed,
         checks=evaluation.checks,
         metrics=evaluation.metrics,
         lineage=lineage,
     )
+    if receipt.experiment and not cfg.from_experiments:
+        verdict = "passed" if evaluation.passed else "failed"
+        receipt.reason = (
+            f"experiment {receipt.experiment!r} (gate {verdict}): experiments publish only "
+            "with publish.from_experiments: true; to publish this one, `dvc exp apply` it, "
+            "commit, and run `dvc repro -f -s publish`"
+        )
+        write_record(receipt, out / RECEIPT)
+        return receipt
     if not evaluation.passed:
         why = "; ".join(c.describe() for c in evaluation.failed_checks())
         receipt.reason = f"evaluation gate failed: {why}"
@@ -139,6 +153,12 @@ class _Documents:
             lineage=doc,
         )
         return {"README.md": card.encode(), LINEAGE: json_bytes(doc)}
+
+
+def experiment_name() -> str | None:
+    """The experiment this process runs in: DVC's `dvc exp run` sets DVC_EXP_NAME; a
+    local KFP run (`t2i pipeline run-local`) sets T2I_EXPERIMENT."""
+    return os.environ.get("DVC_EXP_NAME") or os.environ.get("T2I_EXPERIMENT") or None
 
 
 def _publish_to_registry(cfg, files: dict[str, Path], docs: _Documents, receipt: PublishReceipt):

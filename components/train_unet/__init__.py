@@ -90,6 +90,7 @@ class Run:
     checkpoint_dir: Path
     reports: Path
     latents: LatentManifest
+    run_id: str = ""  # the tracker run's name: new per run, kept by a resumed run
 
 
 def run(
@@ -115,14 +116,20 @@ def run(
     manifest = verify_latents(latents)  # every shard's checksum, before step 0
     r = _prepare(cfg, Path(latents), manifest, (model, trained_unet), reports, checkpoint_dir)
     step, history = 0, []
-    resume = checkpoints.find_resume(checkpoint_dir, cfg.resume_from_checkpoint, r.fingerprint)
+    max_steps = _max_steps(cfg, r.stream)
+    resume, note = checkpoints.find_resume(
+        checkpoint_dir, cfg.resume_from_checkpoint, r.fingerprint, max_steps
+    )
+    if note:
+        r.accelerator.print(note)
     if resume is not None:
         unet = r.accelerator.unwrap_model(r.unet)
         scaler = r.accelerator.scaler
         step = checkpoints.load(resume, unet, r.optimizer, r.lr_scheduler, scaler, r.models.ema)
-        history = checkpoints.read_state(resume)["history"]
+        state = checkpoints.read_state(resume)
+        history, r.run_id = state["history"], state.get("run_id", r.run_id)
         r.accelerator.print(f"resuming from {resume} (step {step})")
-    max_steps = _max_steps(cfg, r.stream)
+    _init_trackers(r)
     started = time.perf_counter()
     log = train_steps(r, step, max_steps, LossLog(history))
     elapsed = time.perf_counter() - started
@@ -192,6 +199,7 @@ def _prepare(cfg, latents, manifest, models_at, reports, checkpoint_dir) -> Run:
             "streams": stream.streams,
         }
     )
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     return Run(
         cfg,
         accelerator,
@@ -205,16 +213,17 @@ def _prepare(cfg, latents, manifest, models_at, reports, checkpoint_dir) -> Run:
         checkpoint_dir,
         reports,
         manifest,
+        run_id=f"{stamp}-{fingerprint[:8]}",
     )
 
 
 def _accelerator(cfg: TrainConfig, reports: Path):
     """Accelerate with the run's precision, accumulation and trackers (TensorBoard logs
-    under `reports/logging_dir`)."""
+    under `reports/logging_dir`; the trackers start in `_init_trackers`)."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    accelerator = Accelerator(
+    return Accelerator(
         cpu=not torch.cuda.is_available(),  # so torchrun on CPU means gloo DDP, not N copies
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -223,9 +232,23 @@ def _accelerator(cfg: TrainConfig, reports: Path):
             project_dir=str(reports), logging_dir=str(reports / cfg.logging_dir)
         ),
     )
-    if accelerator.is_main_process and cfg.report_to != "none":
-        accelerator.init_trackers(cfg.tracker_project_name, config=tracker_config(cfg))
-    return accelerator
+
+
+def _init_trackers(r: Run) -> None:
+    """One tracker run per training run: TensorBoard writes
+    `<logging_dir>/<tracker_project_name>/<run id>/`, wandb names the run by its id. A
+    resumed run keeps its id (from the checkpoint), so its curve continues."""
+    cfg, acc = r.cfg, r.accelerator
+    if not acc.is_main_process or cfg.report_to == "none":
+        return
+    if cfg.report_to == "tensorboard":
+        acc.project_configuration.logging_dir = str(
+            r.reports / cfg.logging_dir / cfg.tracker_project_name
+        )
+        acc.init_trackers(r.run_id, config=tracker_config(cfg))
+    else:
+        kwargs = {"wandb": {"name": r.run_id}}
+        acc.init_trackers(cfg.tracker_project_name, tracker_config(cfg), init_kwargs=kwargs)
 
 
 def _max_steps(cfg: TrainConfig, stream: LatentStream) -> int:
@@ -328,6 +351,7 @@ def _checkpoint(r: Run, step: int, log: LossLog) -> None:
         log.rows,
         ema=r.models.ema,
         data_position={"epoch": epoch, "batch": batch},
+        run={"run_id": r.run_id, "max_steps": _max_steps(r.cfg, r.stream)},
     )
 
 

@@ -2,8 +2,11 @@
 
 A checkpoint is written into a temporary folder, a COMMITTED marker is written last,
 and the folder is renamed to `checkpoint-<step>`. Old checkpoints are pruned only
-after the new one is committed. A checkpoint belongs to one run fingerprint (config,
-data, base model); `latest` only resumes a checkpoint of the same run.
+after the new one is committed, oldest commit first (so a run never prunes its own
+newest checkpoint for a longer run's). A checkpoint belongs to one run fingerprint
+(config, data, base model) and records the run's planned length: `latest` resumes
+only a checkpoint of the same run that is not past `max_train_steps` and whose run was
+not planned longer (a shorter run is extended, and says so).
 """
 
 from __future__ import annotations
@@ -21,11 +24,15 @@ MARKER = "COMMITTED"
 
 
 def committed(root: Path) -> list[Path]:
-    """Committed checkpoints under `root`, oldest first."""
+    """Committed checkpoints under `root`, lowest step first."""
     if not Path(root).is_dir():
         return []
     found = [p for p in Path(root).glob("checkpoint-*") if (p / MARKER).is_file()]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def _by_commit_time(paths: list[Path]) -> list[Path]:
+    return sorted(paths, key=lambda p: ((p / MARKER).stat().st_mtime_ns, int(p.name.split("-")[1])))
 
 
 def save(
@@ -40,12 +47,13 @@ def save(
     history: list,
     ema=None,
     data_position: dict | None = None,
+    run: dict | None = None,
 ) -> Path:
     """Commit checkpoint-<step> under `root`, then prune to the `keep` newest.
 
     Holds the UNet (safetensors), the optimizer, LR scheduler, grad scaler and EMA
     state (a tensors-only file, loaded with `weights_only=True`), the data position
-    and the loss history.
+    and the loss history; `run` (its id and planned `max_steps`) goes into state.json.
     """
     final = Path(root) / f"checkpoint-{step}"
     with atomic_dir(final) as tmp:
@@ -58,24 +66,65 @@ def save(
         torch.save(state, tmp / "training_state.pt")
         meta = {"step": step, "fingerprint": fingerprint, "history": history}
         meta["data_position"] = data_position
+        meta.update(run or {})
         write_json_atomic(tmp / "state.json", meta)
         (tmp / MARKER).write_text("")
     if keep is not None:
-        for old in committed(root)[:-keep]:
+        for old in _by_commit_time(committed(root))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def find_resume(root: Path, resume: str | None, fingerprint: str) -> Path | None:
-    """The checkpoint to resume from: a path, `latest` (same run only), or None."""
+def find_resume(
+    root: Path, resume: str | None, fingerprint: str, max_steps: int
+) -> tuple[Path | None, str | None]:
+    """(checkpoint to resume from, or None; what to tell the user about the choice).
+
+    `resume`: a path (refused when past `max_steps`), `latest`, or None. `latest`
+    takes the newest checkpoint of this run fingerprint with step <= max_steps whose
+    run was planned for at most max_steps steps: the same run, or a shorter one that
+    is extended. A longer run's checkpoints are never resumed into a shorter one.
+    """
     if resume is None:
-        return None
+        return None, None
     if resume != "latest":
-        return require_committed(resume)
+        path = require_committed(resume)
+        step = read_state(path)["step"]
+        if step > max_steps:
+            raise ConfigError(
+                f"train.resume_from_checkpoint {str(path)!r}: it is at step {step}, past "
+                f"train.max_train_steps={max_steps}; raise max_train_steps or train from scratch"
+            )
+        return path, _extending(path, max_steps)
+    skipped = None
     for path in reversed(committed(root)):
-        if json.loads((path / "state.json").read_text())["fingerprint"] == fingerprint:
-            return path
-    return None
+        state = read_state(path)
+        if state["fingerprint"] != fingerprint:
+            continue
+        planned = state.get("max_steps", state["step"])
+        if state["step"] > max_steps or planned > max_steps:
+            skipped = skipped or (path, planned)
+            continue
+        return path, _extending(path, max_steps)
+    if skipped:
+        path, planned = skipped
+        return None, (
+            f"not resuming {path.name}: it belongs to a {planned}-step run of this config, "
+            f"longer than train.max_train_steps={max_steps}; training {max_steps} steps "
+            "from step 0"
+        )
+    return None, None
+
+
+def _extending(path: Path, max_steps: int) -> str | None:
+    state = read_state(path)
+    planned = state.get("max_steps")
+    if planned is None or planned == max_steps:
+        return None
+    return (
+        f"extending a {planned}-step run from {path.name} to {max_steps} steps "
+        f"(the LR schedule is recomputed for {max_steps} steps)"
+    )
 
 
 def require_committed(path: str | Path) -> Path:
