@@ -44,13 +44,47 @@ def test_tokenizer_round_trips_captions(tiny_model):
     assert tok.decode(ids, skip_special_tokens=True).strip() == "a red circle on a blue background"
 
 
-def test_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(T2IError, match="HF_HUB_OFFLINE"):
-        base_model.run(
-            ModelConfig(source="stable-diffusion-v1-5/stable-diffusion-v1-5"), tmp_path / "out"
-        )
-    assert not (tmp_path / "out").exists()
+def _cli(*args, env):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "components.cli", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_hub_id_offline_uses_the_cache_and_is_a_config_error_when_absent(tiny_model, tmp_path):
+    """A model in the Hugging Face cache (as `hf download` leaves it) loads with
+    HF_HUB_OFFLINE=1; one not in the cache is exit 2, one line, no output folder."""
+    import shutil
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--someone--tiny-sd"
+    shutil.copytree(tiny_model, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+
+    done = _cli(
+        "base-model", "--set", "model.source=someone/tiny-sd", "--out", str(tmp_path / "a"), env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert sha256_tree(tmp_path / "a" / "unet") == sha256_tree(tiny_model / "unet")
+    record = (tmp_path / "a" / "base_model.json").read_text()
+    assert commit in record and "someone/tiny-sd" in record
+
+    done = _cli(
+        "base-model", "--set", "model.source=someone/absent", "--out", str(tmp_path / "b"), env=env
+    )
+    assert done.returncode == 2
+    err = done.stderr.strip()
+    assert len(err.splitlines()) == 1
+    assert "'someone/absent' is not in the Hugging Face cache" in err and "hf download" in err
+    assert not (tmp_path / "b").exists()
 
 
 def test_local_folder_is_copied(tiny_model, tmp_path):

@@ -1,7 +1,8 @@
 """base-model: the frozen starting point, as a diffusers Stable Diffusion folder.
 
 `model.source: tiny` builds a tiny SD pipeline offline from `model.seed`; a local
-folder is copied; a hub id is downloaded at `model.revision` (offline, a clear error).
+folder is copied; a hub id is taken from the Hugging Face cache or downloaded at `model.revision`
+(offline: the cache only; not cached, a config error).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from components.common.config import ModelConfig
-from components.common.errors import T2IError
+from components.common.errors import ConfigError, T2IError
 from components.common.io import atomic_dir
 from components.common.models import check_model_dir, hub_offline, weights_sha256
 from components.common.records import BASE_MODEL_RECORD, BaseModelRecord, write_record
@@ -74,18 +75,28 @@ def card_license(model: Path) -> str | None:
 
 
 def _download(repo_id: str, revision: str | None, dest: Path) -> str:
-    """Download a hub model's safetensors files; return the resolved commit."""
-    if hub_offline():
-        raise T2IError(
-            f"model.source {repo_id!r} is a hub id but HF_HUB_OFFLINE is set; "
-            "download it once online, or set model.source to a local folder or 'tiny'"
-        )
+    """Copy a hub model's safetensors files from the Hugging Face cache, downloading
+    what is missing unless offline; return the resolved commit.
+
+    Offline (HF_HUB_OFFLINE), a model already in the cache is used as
+    `from_pretrained` would use it; one that is not there is a ConfigError.
+    """
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    offline = hub_offline()
     try:
-        path = snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_PATTERNS)
+        path = snapshot_download(
+            repo_id, revision=revision, allow_patterns=_HUB_PATTERNS, local_files_only=offline
+        )
     except LocalEntryNotFoundError:
+        at = f" at revision {revision!r}" if revision else ""
+        if offline:
+            raise ConfigError(
+                f"model.source {repo_id!r}{at} is not in the Hugging Face cache and "
+                "HF_HUB_OFFLINE is set; download it once online (`hf download "
+                f"{repo_id}`), or set model.source to a local folder or 'tiny'"
+            ) from None
         raise T2IError(
             f"model.source {repo_id!r}: cannot reach the Hugging Face Hub (offline?); "
             "set model.source to a local folder or 'tiny'"
