@@ -56,9 +56,11 @@ def _launch(p, a) -> str:
     gloo on CPU). Settings are checked here first, so a bad one fails once."""
     import subprocess
 
+    from components.train_unet import check_data
     from components.train_unet.setup import check_environment
 
     check_environment(p.train)
+    check_data(p.train, a.latents, a.num_processes)
     argv, skip = [], False
     for arg in a.argv:
         if skip or arg.startswith("--num-processes"):

@@ -157,7 +157,7 @@ def test_impossible_settings_fail_before_work(latents, tiny_model, tmp_path):
             tiny_model,
             tmp_path / "m",
         )
-    with pytest.raises(ConfigError, match="too few for 1 data streams"):
+    with pytest.raises(ConfigError, match="for 1 data streams .*less than one batch"):
         train_unet.run(
             TRAIN.model_copy(update={"train_batch_size": 1000}), latents, tiny_model, tmp_path / "m"
         )
@@ -393,6 +393,44 @@ def test_two_gloo_processes_equal_one_with_twice_the_batch(latents, tiny_model, 
     # rounding up to full-size steps on near-zero gradients; 0.12% measured.
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
     assert rel < 0.01
+
+
+def _launch_error(latents, tiny_model, tmp_path, capsys, processes, *sets) -> str:
+    from components.cli import main
+
+    argv = ["train", "--num-processes", str(processes), "--latents", str(latents)]
+    argv += ["--model", str(tiny_model), "--out", str(tmp_path / "m")]
+    for s in sets:
+        argv += ["--set", s]
+    assert main(argv) == 2  # before torchrun starts: no per-rank tracebacks
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    return err
+
+
+def test_too_few_shards_for_the_processes_is_one_line_before_launch(
+    latents, tiny_model, tmp_path, capsys
+):
+    from components.common.records import read_latent_manifest
+
+    shards = [s for s in read_latent_manifest(latents).shards if s.split == "train"]
+    err = _launch_error(latents, tiny_model, tmp_path, capsys, len(shards) + 1)
+    assert f"{len(shards)} train shards" in err and "every stream needs its own" in err
+    assert f"at most {len(shards)} processes" in err and "pack.shard_max_samples" in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_batch_too_large_for_a_stream_names_a_batch_that_fits(
+    latents, tiny_model, tmp_path, capsys
+):
+    import re
+
+    err = _launch_error(latents, tiny_model, tmp_path, capsys, 2, "train.train_batch_size=40")
+    fits = int(re.search(r"lower train.train_batch_size to (\d+)", err).group(1))
+    # The advice works: that batch passes the same check.
+    train_unet.check_data(TRAIN.model_copy(update={"train_batch_size": fits}), latents, 2)
+    with pytest.raises(ConfigError):
+        train_unet.check_data(TRAIN.model_copy(update={"train_batch_size": fits + 1}), latents, 2)
 
 
 def test_crash_while_saving_keeps_the_previous_checkpoint(

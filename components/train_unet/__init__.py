@@ -55,7 +55,7 @@ from components.train_unet.setup import (
     resolve_model,
 )
 
-__all__ = ["TrainReport", "run", "training_loss", "StepDraws", "save_pipeline"]
+__all__ = ["TrainReport", "run", "check_data", "training_loss", "StepDraws", "save_pipeline"]
 
 # Settings that change how a run is saved, shown or paced, not what it computes.
 _NOT_IN_FINGERPRINT = {
@@ -146,6 +146,22 @@ def run(
         write_reports(reports, report, log.rows)
     r.accelerator.end_training()
     return report
+
+
+def check_data(cfg: TrainConfig, latents: Path, processes: int) -> None:
+    """ConfigError when the latent shards cannot give `processes` ranks a full global
+    batch (before launching them: one line, not one traceback per rank)."""
+    from components.common.records import read_latent_manifest
+
+    LatentStream.from_manifest(
+        Path(latents),
+        read_latent_manifest(latents),
+        cfg.max_train_samples,
+        batch_size=cfg.train_batch_size,
+        seed=cfg.seed,
+        world=processes,
+        streams=cfg.data_streams,
+    )
 
 
 def _prepare(cfg, latents, manifest, models_at, reports, checkpoint_dir) -> Run:

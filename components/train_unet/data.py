@@ -74,11 +74,33 @@ class LatentStream:
         self.empty_prompt, self.p_empty = empty_prompt, proportion_empty_prompts
         self._lengths: dict[int, int] = {}
         if self.steps_in_epoch(0) == 0:
-            raise ConfigError(
-                f"{len(shards)} train shards, {sum(s.samples for s in shards)} samples: too "
-                f"few for {self.streams} data streams of {self.per_stream} samples per batch; "
-                "lower train.train_batch_size or re-pack with a smaller pack.shard_max_samples"
+            raise ConfigError(self._too_few())
+
+    def _too_few(self) -> str:
+        """Why no full global batch fits in an epoch, and the settings that fix it."""
+        shards, streams, world = len(self.shards), self.streams, self.world
+        total = sum(s.samples for s in self.shards)
+        what = (
+            f"{shards} train shards ({total} samples) for {streams} data streams "
+            f"({world} processes x {streams // world}) of {self.per_stream} samples per batch"
+        )
+        if shards < streams:
+            # Each stream reads whole shards: a stream without one has no samples.
+            per_shard = max(1, total // streams)
+            return (
+                f"{what}: too few shards, every stream needs its own; re-pack with "
+                f"pack.shard_max_samples: {per_shard} (or fewer), or train with at most "
+                f"{shards} processes"
+                + ("" if streams == world else f" / train.data_streams: {shards}")
             )
+        smallest = min(sum(s.samples for s in self._stream_shards(0, k)) for k in range(streams))
+        fits = smallest * streams // world  # the largest train_batch_size that fits
+        return (
+            f"{what}: the smallest stream holds {smallest} samples, less than one batch; "
+            + (f"lower train.train_batch_size to {fits} or less, or " if fits else "")
+            + f"re-pack with a smaller pack.shard_max_samples (shards are dealt to streams "
+            f"whole; now at most {max(s.samples for s in self.shards)} samples each)"
+        )
 
     @classmethod
     def from_manifest(
