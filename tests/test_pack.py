@@ -120,6 +120,38 @@ def test_downscale_and_jpeg_output(tmp_path):
     assert json.loads(rec["json"])["size"] == [300, 200]
 
 
+def test_auto_format_keeps_source_bytes_when_the_image_is_unchanged(tmp_path):
+    """JPEG photos stay JPEG (their own bytes), not 3-4x larger PNGs."""
+    import hashlib
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(6):
+        photo(160, 120, i).save(src / f"p{i}.jpg", quality=90)
+        (src / f"p{i}.txt").write_text(f"photo {i}")
+    photo(3000, 200, 9).save(src / "wide.jpg", quality=90)  # downscaled: re-encoded, as JPEG
+    (src / "wide.txt").write_text("a wide photo")
+    cfg = PackConfig(val_fraction=0, max_aspect_ratio=20)
+    pack_shards.run(DataConfig(), cfg, src, tmp_path / "o")
+    recs = records(tmp_path / "o")
+    for i in range(6):
+        rec, raw = recs[f"p{i}.jpg"], (src / f"p{i}.jpg").read_bytes()
+        assert rec["jpg"] == raw and json.loads(rec["json"])["stored"] == "source bytes"
+        assert (
+            json.loads(rec["json"])["pixels_sha256"]
+            == hashlib.sha256(image_of(rec).tobytes()).hexdigest()
+        )
+    wide = recs["wide.jpg"]
+    assert set(wide) & {"jpg", "png"} == {"jpg"} and image_of(wide).size == (1024, 68)
+    assert json.loads(wide["json"])["stored"] == "re-encoded"
+    stored = sum(
+        (tmp_path / "o" / s["name"]).stat().st_size
+        for s in read_pack_manifest(tmp_path / "o").model_dump()["shards"]
+    )
+    sources = sum(p.stat().st_size for p in src.glob("p*.jpg"))
+    assert stored < 1.5 * sources + 40_000  # tar headers and one re-encoded image
+
+
 # -- the bad-input zoo ---------------------------------------------------------------
 
 
@@ -158,6 +190,17 @@ def test_zoo_keepers_are_converted_to_rgb_correctly(zoo):
     assert tuple(px["transparent.gif"][5, 30]) == (255, 0, 0)
     assert meta["animated.gif"]["frames"] == 2 and px["animated.gif"][5, 5, 1] == 200
     assert "fotó ñ 1 – été.png" in recs
+
+
+def test_zoo_auto_format_re_encodes_only_what_changed(zoo):
+    recs = records(zoo[0])
+    stored = {s: (set(r) & {"png", "jpg", "webp"}).pop() for s, r in recs.items()}
+    how = {s: json.loads(r["json"])["stored"] for s, r in recs.items()}
+    assert stored["good.jpg"] == "jpg" and how["good.jpg"] == "source bytes"
+    for name in ("rotated.jpg", "cmyk.jpg"):  # EXIF rotation, CMYK: a JPEG photo again
+        assert (stored[name], how[name]) == ("jpg", "re-encoded"), name
+    for name in ("rgba.png", "gray16.png", "transparent.gif", "animated.gif"):  # lossless
+        assert (stored[name], how[name]) == ("png", "re-encoded"), name
 
 
 def test_zoo_exif_orientation_is_applied(zoo):

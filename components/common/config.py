@@ -44,7 +44,10 @@ class PackConfig(Section):
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     shard_max_samples: int = Field(1000, ge=1)
     shard_max_bytes: int = Field(1 << 30, ge=1)
-    image_format: Literal["png", "jpg", "webp"] = "png"
+    # auto: keep the source's bytes when they already decode to the stored image (RGB
+    # JPEG/PNG/WebP, no EXIF rotation, not downscaled), else PNG (lossless) or, for
+    # photo sources (JPEG/WebP), JPEG at `quality`. png | jpg | webp: always re-encode.
+    image_format: Literal["auto", "png", "jpg", "webp"] = "auto"
     quality: int = Field(95, ge=1, le=100)
     # Longest side is downscaled (LANCZOS) to this; null keeps the original size.
     max_image_side: int | None = Field(1024, ge=8)

@@ -2,8 +2,11 @@
 
 Runs in worker processes, so everything here is a pure function of the sample and
 the pack config. The image is fully decoded (`load()`, which catches truncation),
-EXIF orientation applied, converted to RGB, filtered, optionally downscaled and
-re-encoded. Nothing is unpickled: images come in as bytes, records go out as bytes.
+EXIF orientation applied, converted to RGB, filtered and optionally downscaled.
+With `image_format: auto` the source's own bytes are stored when they already decode
+to that image (a single-frame RGB JPEG/PNG/WebP, no EXIF rotation, not downscaled);
+otherwise it is re-encoded: lossless PNG, or JPEG at `quality` for photo sources
+(JPEG/WebP). Nothing is unpickled: images come in as bytes, records go out as bytes.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ from components.common.config import PackConfig
 from components.pack_shards.sources import MISSING, Sample
 
 PIL_FORMAT = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
+EXT = {v: k for k, v in PIL_FORMAT.items()}
+_PHOTO_FORMATS = {"JPEG", "WEBP", "MPO"}  # lossy sources: re-encoded as JPEG, not PNG
+_ORIENTATION = 0x0112
 
 
 class Rejected(Exception):
@@ -70,7 +76,7 @@ def _pack(sample: Sample, cfg: PackConfig, data: bytes | OSError | None) -> Pack
         raise Rejected(f"aspect_ratio: {w}x{h}")
     image = downscale(image, cfg.max_image_side)
     pixels_sha256 = hashlib.sha256(image.tobytes()).hexdigest()
-    ext = cfg.image_format
+    ext, as_is = _storage(cfg, info, image.size == (w, h))
     meta = {
         "source": sample.source,
         "size": [w, h],
@@ -79,16 +85,33 @@ def _pack(sample: Sample, cfg: PackConfig, data: bytes | OSError | None) -> Pack
         "sha256": hashlib.sha256(data).hexdigest(),
         "pixels_sha256": pixels_sha256,
         "stored_size": list(image.size),
+        "stored": "source bytes" if as_is else "re-encoded",
     }
     if info["frames"] > 1:
         meta["frames"] = info["frames"]
     record = {
         "__key__": sample.key,
-        ext: encode_image(image, ext, cfg.quality),
+        ext: data if as_is else encode_image(image, ext, cfg.quality),
         "txt": caption.encode("utf-8"),
         "json": json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8"),
     }
     return Packed(sample.key, record, pixels_sha256)
+
+
+def _storage(cfg: PackConfig, info: dict, same_size: bool) -> tuple[str, bool]:
+    """(record extension, whether the source's bytes are stored as they are)."""
+    if cfg.image_format != "auto":
+        return cfg.image_format, False
+    as_is = (
+        info["format"] in EXT
+        and info["mode"] == "RGB"
+        and info["frames"] == 1
+        and info["orientation"] in (None, 1)
+        and same_size
+    )
+    if as_is:
+        return EXT[info["format"]], True
+    return ("jpg" if info["format"] in _PHOTO_FORMATS else "png"), False
 
 
 def clean_caption(sample: Sample, cfg: PackConfig) -> str:
@@ -128,6 +151,7 @@ def decode_image(data: bytes, cfg: PackConfig) -> tuple[Image.Image, dict]:
                     "mode": img.mode,
                     "format": img.format,
                     "frames": getattr(img, "n_frames", 1),
+                    "orientation": img.getexif().get(_ORIENTATION),
                 }
                 _draft_for(img, cfg.max_image_side)
                 img.load()
