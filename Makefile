@@ -28,7 +28,7 @@ run: setup
 	@echo
 	@echo "model:   artifacts/model (diffusers pipeline; StableDiffusionPipeline.from_pretrained)"
 	@echo "grid:    artifacts/eval/grid.png   report: artifacts/eval/report.html"
-	@echo "metrics: artifacts/eval/metrics.json, artifacts/train/train_metrics.json"
+	@echo "metrics: metrics/eval/metrics.json, metrics/train/train_metrics.json (commit them with dvc.lock)"
 	@echo "publish: artifacts/publish/receipt.json -> artifacts/registry/"
 	@dvc metrics show
 

@@ -47,7 +47,7 @@ def _train(p, a):
 
     if a.num_processes > 1 and "WORLD_SIZE" not in os.environ:
         return _launch(p, a)
-    r = train_unet.run(p.train, a.latents, a.model, a.out, a.reports, a.checkpoints)
+    r = train_unet.run(p.train, a.latents, a.model, a.out, a.reports, a.checkpoints, a.metrics)
     return r.summary() + f"; model -> {a.out}"
 
 
@@ -78,7 +78,7 @@ def _launch(p, a) -> str:
 def _evaluate(p, a):
     from components import evaluate
 
-    r = evaluate.run(p.evaluate, a.model, a.base_model, a.latents, a.out)
+    r = evaluate.run(p.evaluate, a.model, a.base_model, a.latents, a.out, a.metrics)
     return r.summary() + f"; grid, metrics, report -> {a.out}"
 
 
@@ -149,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         out="artifacts/model",
         reports="artifacts/train",
         checkpoints="artifacts/checkpoints",
+        metrics=None,
     )
     train.add_argument(
         "--num-processes", type=int, default=1, help="DDP processes (one per GPU; gloo on CPU)"
@@ -161,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         base_model="artifacts/base-model",
         latents="data/latents",
         out="artifacts/eval",
+        metrics=None,
     )
     stage(
         "publish",

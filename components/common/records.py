@@ -388,13 +388,18 @@ def environment() -> dict[str, Any]:
 
 
 def dvc_state() -> dict[str, Any] | None:
-    """Under `dvc repro` (DVC sets DVC_ROOT): `dvc.lock`'s sha256 and each locked stage's
-    outputs' md5. None outside DVC."""
+    """Under `dvc repro` / `dvc exp run` (DVC sets DVC_ROOT): `dvc.lock`'s sha256, each
+    locked stage's outputs' md5, the data the pack stage read (its non-code deps, with
+    md5: for a `dvc add`ed folder, the md5 its .dvc file names) and the .dvc files of
+    that data (md5, and for `dvc import` the source repo and revision). None outside DVC.
+    """
     root = os.environ.get("DVC_ROOT")
     if not root:
         return None
     lock = Path(root) / "dvc.lock"
     state: dict[str, Any] = {"stage": os.environ.get("DVC_STAGE"), "lock_sha256": None}
+    if os.environ.get("DVC_EXP_NAME"):
+        state["experiment"] = os.environ["DVC_EXP_NAME"]
     if not lock.is_file():
         return state
     import yaml
@@ -406,9 +411,31 @@ def dvc_state() -> dict[str, Any] | None:
         name: {o["path"]: o.get("md5") for o in stage.get("outs", [])}
         for name, stage in stages.items()
     }
-    if os.environ.get("DVC_EXP_NAME"):
-        state["experiment"] = os.environ["DVC_EXP_NAME"]
+    deps = stages.get("pack", {}).get("deps", [])
+    state["data"] = {
+        d["path"]: d.get("md5") for d in deps if not d["path"].startswith("components")
+    }
+    state["tracked_data"] = _dvc_files(Path(root), state["data"])
     return state
+
+
+def _dvc_files(root: Path, paths: dict[str, Any]) -> dict[str, Any]:
+    """{.dvc file: {md5, repo?}} for the data paths that a .dvc file tracks."""
+    import yaml
+
+    found: dict[str, Any] = {}
+    for path in paths:
+        dvc_file = root / f"{path.rstrip('/')}.dvc"
+        if not dvc_file.is_file():
+            continue
+        doc = yaml.safe_load(dvc_file.read_text()) or {}
+        outs = doc.get("outs") or [{}]
+        entry: dict[str, Any] = {"md5": outs[0].get("md5"), "path": outs[0].get("path")}
+        repo = (doc.get("deps") or [{}])[0].get("repo")
+        if repo:  # `dvc import`: where the data came from
+            entry["repo"] = {"url": repo.get("url"), "rev_lock": repo.get("rev_lock")}
+        found[dvc_file.relative_to(root).as_posix()] = entry
+    return found
 
 
 _ROOT = Path(__file__).resolve().parents[2]

@@ -47,8 +47,17 @@ class EvalReport:
         )
 
 
-def run(cfg: EvaluateConfig, model: Path, base_model: Path, latents: Path, out: Path) -> EvalReport:
-    """Compare `model` with `base_model`; write metrics, grid and report under `out`.
+def run(
+    cfg: EvaluateConfig,
+    model: Path,
+    base_model: Path,
+    latents: Path,
+    out: Path,
+    metrics_dir: Path | None = None,
+) -> EvalReport:
+    """Compare `model` with `base_model`; write metrics, grid and report under `out`,
+    and `metrics.json` + `val_loss_by_timestep.csv` also to `metrics_dir` when given
+    (under DVC a git-tracked folder: DVC metrics and plots).
 
     Raises T2IError when a model folder is missing or there are no validation samples.
     """
@@ -98,7 +107,9 @@ def run(cfg: EvaluateConfig, model: Path, base_model: Path, latents: Path, out: 
     with atomic_path(out / "grid.png", ".png") as tmp:
         sample_grid(images, cfg).save(tmp, "PNG")
     write_bytes_atomic(out / "report.html", render_report(metrics, cfg).encode())
-    write_json_atomic(out / "metrics.json", metrics)
+    for folder in {out, Path(metrics_dir or out)}:
+        write_json_atomic(folder / "metrics.json", metrics)
+        write_bytes_atomic(folder / "val_loss_by_timestep.csv", _by_timestep_csv(per_t))
     record = EvaluationRecord(
         unet_sha256=weights_sha256(model, "unet"),
         metrics={
@@ -114,6 +125,13 @@ def run(cfg: EvaluateConfig, model: Path, base_model: Path, latents: Path, out: 
     )
     write_record(record, out / EVALUATION_RECORD)
     return report
+
+
+def _by_timestep_csv(per_t: dict[str, dict[int, float]]) -> bytes:
+    """timestep,base,tuned: the held-out loss curves (a DVC plot)."""
+    lines = ["timestep,base,tuned"]
+    lines += [f"{t},{per_t['base'][t]!r},{per_t['tuned'][t]!r}" for t in sorted(per_t["base"])]
+    return ("\n".join(lines) + "\n").encode()
 
 
 def _save_samples(images: dict[str, list[Image.Image]], cfg: EvaluateConfig, out: Path):

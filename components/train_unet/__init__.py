@@ -100,12 +100,14 @@ def run(
     out: Path,
     reports: Path | None = None,
     checkpoint_dir: Path | None = None,
+    metrics_dir: Path | None = None,
 ) -> TrainReport:
     """Fine-tune the UNet of `model` on the latent shards in `latents`.
 
     Writes a complete diffusers pipeline to `out` (atomically; EMA weights when
-    `use_ema`), `train_metrics.json`, `loss.csv`, TensorBoard logs and validation
-    images to `reports`, checkpoints to `checkpoint_dir`. Raises ConfigError for
+    `use_ema`), TensorBoard logs and validation images to `reports`, checkpoints to
+    `checkpoint_dir`, `train_metrics.json` and `loss.csv` to `metrics_dir` (default:
+    `reports`; under DVC a git-tracked folder). Raises ConfigError for
     impossible settings (before any work) and T2IError for missing/corrupt inputs.
     """
     check_environment(cfg)
@@ -143,7 +145,7 @@ def run(
         if r.models.ema is not None:
             r.models.ema.copy_to(unet.parameters())
         save_pipeline(model, unet, r.models.noise_scheduler, out, _record(r, report))
-        write_reports(reports, report, log.rows)
+        write_reports(Path(metrics_dir) if metrics_dir else reports, report, log.rows)
     r.accelerator.end_training()
     return report
 
