@@ -230,3 +230,33 @@ def test_card_names_hub_base_model_and_dataset(trained, evaluation):
     assert meta["license"] == "creativeml-openrail-m"
     assert validate_card_yaml(card) == []
     assert "at revision `451f4fe1" in card and "# naruto (version 2)" in card
+
+
+def test_held_out_loss_is_trainings_loss_incl_cached_text_embeddings(
+    trained, tiny_model, shards, latents, tmp_path
+):
+    """One loss function for train and evaluate; the cached-hidden-states path gives
+    the same held-out loss as encoding the token ids."""
+    from diffusers import StableDiffusionPipeline
+
+    from components import cache_latents
+    from components.common.records import load_latent_split, read_latent_manifest
+    from components.train_unet import objective
+
+    from .conftest import CACHE
+
+    assert evaluate.denoising_loss is objective.denoising_loss
+    cache_latents.run(
+        CACHE.model_copy(update={"text_embeddings": True}), shards, tiny_model, tmp_path / "lat"
+    )
+    with_ids, with_states = (
+        load_latent_split(latents, "val"),
+        load_latent_split(tmp_path / "lat", "val"),
+    )
+    assert "encoder_hidden_states" in with_states[0]
+    pipe = StableDiffusionPipeline.from_pretrained(trained[0] / "model")
+    cfg = EvaluateConfig(val_timesteps=[100, 700])
+    factor = read_latent_manifest(latents).vae_scaling_factor
+    a = evaluate.held_out_loss(pipe, with_ids, cfg, factor)
+    b = evaluate.held_out_loss(pipe, with_states, cfg, factor)
+    assert a == pytest.approx(b, rel=1e-4)

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from components.common.config import EvaluateConfig
 from components.common.errors import T2IError
 from components.common.io import atomic_path, write_bytes_atomic, write_json_atomic
 from components.common.models import check_model_dir, default_device, weights_sha256
+from components.common.objective import denoising_loss, text_conditioning
 from components.common.records import (
     EVALUATION_RECORD,
     EvalSample,
@@ -151,31 +151,33 @@ def _save_samples(images: dict[str, list[Image.Image]], cfg: EvaluateConfig, out
 def held_out_loss(
     pipe, val: list[dict], cfg: EvaluateConfig, scaling_factor: float, batch_size: int = 64
 ) -> dict[int, float]:
-    """Mean MSE per timestep over the validation samples, same eps and noise for every model."""
+    """Mean loss per timestep over the validation samples, by training's own
+    `denoising_loss`, with the same ε and noise for every model. Min-SNR weighting is
+    left off: at one timestep it is a constant factor, the same for both models."""
     scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
+    device = pipe.device
     losses = {}
     for t in cfg.val_timesteps:
         g = torch.Generator().manual_seed(cfg.seed * 1009 + t)
         total = 0.0
         for lo in range(0, len(val), batch_size):
             rows = val[lo : lo + batch_size]
-            mean = torch.stack([r["mean"] for r in rows])
-            logvar = torch.stack([r["logvar"] for r in rows])
+            batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0] if k != "__key__"}
+            mean, logvar = batch["mean"], batch["logvar"]
             eps, noise = torch.randn(mean.shape, generator=g), torch.randn(mean.shape, generator=g)
-            latents = (mean + torch.exp(0.5 * logvar) * eps) * scaling_factor
-            timesteps = torch.full((len(rows),), t, dtype=torch.long)
-            latents, noise = latents.to(pipe.device), noise.to(pipe.device)
-            timesteps = timesteps.to(pipe.device)
-            noisy = scheduler.add_noise(latents, noise, timesteps)
-            ids = torch.stack([r["input_ids"] for r in rows]).to(pipe.device)
-            states = pipe.text_encoder(ids)[0]
-            pred = pipe.unet(noisy, timesteps, states).sample
-            target = (
-                noise
-                if scheduler.config.prediction_type == "epsilon"
-                else scheduler.get_velocity(latents, noise, timesteps)
+            latents = ((mean + torch.exp(0.5 * logvar) * eps) * scaling_factor).to(device)
+            timesteps = torch.full((len(rows),), t, dtype=torch.long, device=device)
+            hidden = text_conditioning(pipe.text_encoder, batch, device, latents.dtype)
+            per_sample = denoising_loss(
+                pipe.unet,
+                scheduler,
+                latents,
+                noise.to(device),
+                timesteps,
+                hidden,
+                reduction="none",
             )
-            total += F.mse_loss(pred, target, reduction="sum").item() / pred[0].numel()
+            total += per_sample.sum().item()
         losses[t] = total / len(val)
     return losses
 

@@ -1,0 +1,88 @@
+"""The denoising objective of the diffusers text-to-image recipe, shared by training
+and evaluation, so the held-out loss the gate compares is computed by the code that
+trained.
+
+`denoising_loss` takes the latents, noise and timesteps (training draws them per step;
+evaluation fixes them), adds noise (+ `input_perturbation`), builds the epsilon or v
+target, optionally applies DREAM, and returns the MSE, optionally min-SNR weighted
+(`snr_gamma`), per sample or as the mean.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Objective:
+    snr_gamma: float | None = None
+    noise_offset: float = 0.0
+    input_perturbation: float = 0.0
+    dream_training: bool = False
+    dream_detail_preservation: float = 1.0
+
+
+def denoising_loss(
+    unet,
+    noise_scheduler,
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    hidden: torch.Tensor,
+    objective: Objective = Objective(),
+    perturbation: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """The recipe's loss for noised `latents`: a scalar (`mean`) or one value per sample
+    (`none`). `noise` already holds any noise offset; `perturbation` is the extra
+    noise of `input_perturbation` (None: off)."""
+    if perturbation is not None:
+        noisy_latents = noise_scheduler.add_noise(latents, noise + perturbation, timesteps)
+    else:
+        noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    if noise_scheduler.config.prediction_type == "epsilon":
+        target = noise
+    else:
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    if objective.dream_training:
+        from diffusers.training_utils import compute_dream_and_update_latents
+
+        noisy_latents, target = compute_dream_and_update_latents(
+            unet,
+            noise_scheduler,
+            timesteps,
+            noise,
+            noisy_latents,
+            target,
+            hidden,
+            objective.dream_detail_preservation,
+        )
+    model_pred = unet(noisy_latents, timesteps, hidden, return_dict=False)[0]
+    loss = F.mse_loss(model_pred.float(), target.float(), reduction="none")
+    per_sample = loss.mean(dim=list(range(1, loss.ndim)))
+    if objective.snr_gamma is not None:
+        per_sample = per_sample * snr_weights(noise_scheduler, timesteps, objective.snr_gamma)
+    return per_sample if reduction == "none" else per_sample.mean()
+
+
+def snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-γ loss weights (Hang et al. 2023), for ε or v targets, as the recipe."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps)
+    weights = torch.stack([snr, gamma * torch.ones_like(timesteps)], dim=1).min(dim=1)[0]
+    if noise_scheduler.config.prediction_type == "epsilon":
+        return weights / snr
+    return weights / (snr + 1)
+
+
+def text_conditioning(text_encoder, batch, device, dtype) -> torch.Tensor:
+    """Cached hidden states when `cache.text_embeddings`, else the frozen text encoder."""
+    if "encoder_hidden_states" in batch:
+        return batch["encoder_hidden_states"].to(device, dtype, non_blocking=True)
+    with torch.no_grad():
+        ids = batch["input_ids"].to(device, non_blocking=True)
+        return text_encoder(ids, return_dict=False)[0]
