@@ -1,4 +1,5 @@
-"""The fine-tuning DAG: base_model, pack -> cache -> train -> evaluate -> publish.
+"""The fine-tuning DAG: base_model, pack -> cache -> train -> evaluate -> publish (under
+`dsl.If` on evaluate's gate decision).
 
 Built from params (the same schema as params.yaml): each stage's section becomes a
 JSON-string parameter with the params file's values as defaults, so KFP's cache key changes
@@ -60,11 +61,14 @@ def build_pipeline(params: Params):
             latents=cache.outputs["latents"],
         )
         evaluation.set_display_name("evaluate")
-        publish = ops.publish_op(
-            publish_params=publish_params,
-            model=train.outputs["model"],
-            evaluation=evaluation.outputs["evaluation"],
-        ).set_display_name("publish")
+        # The gate: publish runs only when evaluate's decision passed; otherwise the UI
+        # shows it skipped (evaluate's report and Metrics say which check failed).
+        with dsl.If(evaluation.outputs["Output"] == True, name="gate-passed"):  # noqa: E712
+            publish = ops.publish_op(
+                publish_params=publish_params,
+                model=train.outputs["model"],
+                evaluation=evaluation.outputs["evaluation"],
+            ).set_display_name("publish")
         for task in (base, pack, cache, train, evaluation, publish):
             _name_image(task, params.pipeline.image)
 

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 from typing import List  # noqa: UP035 - KFP reads the annotation and wants typing.List
 
 from kfp import dsl
-from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
 
 def base_model_op(model_params: str, base_model: Output[Model]):
@@ -147,14 +147,16 @@ def evaluate_op(
     latents: Input[Dataset],
     evaluation: Output[Artifact],
     eval_metrics: Output[Metrics],
+    report: Output[HTML],
 ) -> bool:
     import json
+    import shutil
     from pathlib import Path
 
     from components import evaluate as stage
     from components.common.config import EvaluateConfig, validate_section
 
-    report = stage.run(
+    result = stage.run(
         validate_section(EvaluateConfig, json.loads(evaluate_params), "evaluate"),
         Path(model.path),
         Path(base_model.path),
@@ -163,10 +165,12 @@ def evaluate_op(
     )
     metrics = json.loads((Path(evaluation.path) / "metrics.json").read_text())
     for key, value in metrics.items():
-        if isinstance(value, (int, float)):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
             eval_metrics.log_metric(key, float(value))
-    print(report.summary())
-    return report.gate_passed
+    # The self-contained report, shown by the KFP UI's HTML visualisation.
+    shutil.copyfile(Path(evaluation.path) / "report.html", report.path)
+    print(result.summary())
+    return result.gate_passed
 
 
 def publish_op(

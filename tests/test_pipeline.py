@@ -41,9 +41,25 @@ def test_components_are_thin_and_run_the_project_image():
         "cache-op",
         "train-op",
         "evaluate-op",
-        "publish-op",
+        "condition-1",
     }
     assert tasks["train-op"]["dependentTasks"] == ["base-model-op", "cache-op"]
+
+
+def test_publish_runs_under_the_gate_and_evaluate_shows_html_and_metrics():
+    spec = yaml.safe_load(COMPILED.read_text())
+    gate = spec["root"]["dag"]["tasks"]["condition-1"]
+    assert gate["taskInfo"]["name"] == "gate-passed"
+    channel = gate["inputs"]["parameters"]["pipelinechannel--evaluate-op-Output"]
+    assert channel["taskOutputParameter"]["producerTask"] == "evaluate-op"
+    assert gate["triggerPolicy"]["condition"] == (
+        "inputs.parameter_values['pipelinechannel--evaluate-op-Output'] == true"
+    )
+    assert list(spec["components"]["comp-condition-1"]["dag"]["tasks"]) == ["publish-op"]
+    outputs = spec["components"]["comp-evaluate-op"]["outputDefinitions"]
+    kinds = {k: v["artifactType"]["schemaTitle"] for k, v in outputs["artifacts"].items()}
+    assert kinds["report"] == "system.HTML" and kinds["eval_metrics"] == "system.Metrics"
+    assert outputs["parameters"]["Output"]["parameterType"] == "BOOLEAN"
 
 
 def test_cache_workers_compile_to_a_parallel_for_and_a_merge(tmp_path):
@@ -130,9 +146,39 @@ def test_run_local_completes_with_every_artifact(tmp_path, sample_source, monkey
     assert sum(latents["samples"].values()) == 48
     assert (run_dir / "train-op" / "model" / "unet").is_dir()
     assert (run_dir / "evaluate-op" / "evaluation" / "grid.png").is_file()
+    assert (run_dir / "evaluate-op" / "report").read_text().startswith("<!doctype html>")
+    executed = json.loads((run_dir / "evaluate-op" / "executor_output.json").read_text())
+    logged = executed["artifacts"]["eval_metrics"]["artifacts"][0]["metadata"]
+    assert {"base_val_loss", "tuned_val_loss", "val_loss_ratio"} <= set(logged)
+    assert executed["parameterValues"]["Output"] is True  # the gate decision
     receipt = json.loads((run_dir / "publish-op" / "receipt" / "receipt.json").read_text())
     # A local run is an experiment: evaluated and gated, not published by default.
     assert receipt["published"] is False and receipt["passed"] is True
     assert receipt["experiment"].startswith("run-local")
     assert "publish.from_experiments" in receipt["reason"]
+    assert not (tmp_path / "registry").exists()
+
+
+@pytest.mark.slow
+def test_run_local_with_a_failed_gate_skips_publish(tmp_path, sample_source, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params = load_params(
+        None,
+        [
+            f"data.source={sample_source}",
+            "train.max_train_steps=2",
+            "train.train_batch_size=4",
+            "evaluate.num_inference_steps=1",
+            "evaluate.prompts=[a red circle]",
+            "evaluate.max_val_loss_ratio=1e-6",  # no model passes this
+            "pack.val_fraction=0.2",
+            "publish.from_experiments=true",
+            f"publish.registry={tmp_path / 'registry'}",
+        ],
+    )
+    result = run_local(params, tmp_path / "root")
+    run_dir = next(Path(result["root"]).iterdir())
+    executed = json.loads((run_dir / "evaluate-op" / "executor_output.json").read_text())
+    assert executed["parameterValues"]["Output"] is False
+    assert not (run_dir / "publish-op").exists()  # skipped by dsl.If
     assert not (tmp_path / "registry").exists()
