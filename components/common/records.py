@@ -226,6 +226,8 @@ class TrainRecord(Versioned):
     initial_loss: float
     final_loss: float
     images_per_second: float
+    # (step, loss) of the training loss curve, at most ~500 points (for reports).
+    loss_curve: list[tuple[int, float]] = Field(default_factory=list)
     base_model: BaseModelRecord | None
     latents: CacheLineage
     pack: PackLineage

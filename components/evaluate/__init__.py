@@ -1,14 +1,15 @@
 """evaluate: base vs fine-tuned, on held-out latents and on fixed-seed samples.
 
-Writes `metrics.json` (held-out loss of both models at fixed timesteps and noise, the
-gate decision), `grid.png` (rows: prompts; columns: base, fine-tuned), each sample as
-`samples/<row>-<model>.png`, `report.html`, and the decision record `evaluation.json`
-(every gate check with its value, threshold and verdict), which publish reads.
+Writes `metrics.json` (top-level scalars: held-out loss of both models at fixed
+timesteps and noise, by training's loss function, the gate decision),
+`val_loss_by_timestep.csv`, `grid.png` (rows: prompts; columns: base, fine-tuned),
+each sample as `samples/<row>-<model>.png`, a self-contained `report.html`
+(`report.py`), and the decision record `evaluation.json` (every gate check with its
+value, threshold and verdict), which publish reads.
 """
 
 from __future__ import annotations
 
-import html
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +28,10 @@ from components.common.records import (
     GateCheck,
     load_latent_split,
     read_latent_manifest,
+    read_train_record,
     write_record,
 )
+from components.evaluate.report import render_report
 
 CELL = 128  # pixels per grid cell: tiny samples are upscaled to be seen
 
@@ -87,6 +90,8 @@ def run(
         )
     ]
     report = EvalReport(losses["base"], losses["tuned"], all(c.passed for c in checks))
+    # Top-level scalars only: `dvc metrics show` / `dvc exp show` stay readable; the
+    # per-timestep curve is val_loss_by_timestep.csv (a DVC plot) and in the report.
     metrics = {
         "base_val_loss": losses["base"],
         "tuned_val_loss": losses["tuned"],
@@ -94,9 +99,6 @@ def run(
         "max_val_loss_ratio": cfg.max_val_loss_ratio,
         "gate_passed": report.gate_passed,
         "val_samples": len(val),
-        "val_loss_by_timestep": {
-            name: {str(t): v for t, v in d.items()} for name, d in per_t.items()
-        },
     }
     out.mkdir(parents=True, exist_ok=True)
     images = {
@@ -106,7 +108,24 @@ def run(
     samples = _save_samples(images, cfg, out)
     with atomic_path(out / "grid.png", ".png") as tmp:
         sample_grid(images, cfg).save(tmp, "PNG")
-    write_bytes_atomic(out / "report.html", render_report(metrics, cfg).encode())
+    train = read_train_record(model)
+    page = render_report(
+        title="Evaluation: base vs fine-tuned",
+        details=[
+            ("model", str(model)),
+            ("steps", str(train.steps)),
+            ("validation samples", str(len(val))),
+            ("sampling", f"{cfg.num_inference_steps} steps, guidance {cfg.guidance_scale}"),
+        ],
+        metrics=[("held-out loss (mean over timesteps)", losses["base"], losses["tuned"])],
+        checks=checks,
+        passed=report.gate_passed,
+        samples=samples,
+        folder=out,
+        val_loss=per_t,
+        loss_curve=train.loss_curve,
+    )
+    write_bytes_atomic(out / "report.html", page.encode())
     for folder in {out, Path(metrics_dir or out)}:
         write_json_atomic(folder / "metrics.json", metrics)
         write_bytes_atomic(folder / "val_loss_by_timestep.csv", _by_timestep_csv(per_t))
@@ -208,18 +227,3 @@ def _sample(pipe, prompt: str, cfg: EvaluateConfig, resolution: int) -> Image.Im
         guidance_scale=cfg.guidance_scale,
         generator=torch.Generator().manual_seed(cfg.seed),
     ).images[0]
-
-
-def render_report(metrics: dict, cfg: EvaluateConfig) -> str:
-    rows = "".join(
-        f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>"
-        for k, v in metrics.items()
-        if not isinstance(v, dict)
-    )
-    prompts = "".join(f"<li>{html.escape(p)}</li>" for p in cfg.prompts)
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>t2i evaluation</title></head>"
-        f"<body><h1>Evaluation: base vs fine-tuned</h1><table border='1'>{rows}</table>"
-        f"<h2>Samples (seed {cfg.seed}, {cfg.num_inference_steps} steps)</h2><ol>{prompts}</ol>"
-        "<img src='grid.png' alt='rows: prompts; columns: base, tuned'></body></html>\n"
-    )

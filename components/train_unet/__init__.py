@@ -144,7 +144,8 @@ def run(
         unet = r.accelerator.unwrap_model(r.unet)
         if r.models.ema is not None:
             r.models.ema.copy_to(unet.parameters())
-        save_pipeline(model, unet, r.models.noise_scheduler, out, _record(r, report))
+        record = _record(r, report, log.rows)
+        save_pipeline(model, unet, r.models.noise_scheduler, out, record)
         write_reports(Path(metrics_dir) if metrics_dir else reports, report, log.rows)
     r.accelerator.end_training()
     return report
@@ -390,9 +391,14 @@ def _maybe_validate(r: Run, step: int, epoch: int) -> None:
         )
 
 
-def _record(r: Run, report: TrainReport) -> TrainRecord:
+def _record(r: Run, report: TrainReport, rows: list) -> TrainRecord:
     """The trained model's record (its UNet hash is filled in by `save_pipeline`)."""
+    every = max(1, math.ceil(len(rows) / 500))
+    curve = [(int(s), float(loss)) for s, loss, _ in rows[::every]]
+    if rows and curve[-1][0] != int(rows[-1][0]):
+        curve.append((int(rows[-1][0]), float(rows[-1][1])))
     return TrainRecord(
+        loss_curve=curve,
         unet_sha256="",
         config=r.cfg.model_dump(mode="json"),
         config_sha256=r.fingerprint,
