@@ -78,7 +78,7 @@ def _launch(p, a) -> str:
 def _evaluate(p, a):
     from components import evaluate
 
-    r = evaluate.run(p.evaluate, a.model, a.base_model, a.latents, a.out, a.metrics)
+    r = evaluate.run(p.evaluate, a.model, a.base_model, a.latents, a.out, a.metrics, a.shards)
     return r.summary() + f"; grid, metrics, report -> {a.out}"
 
 
@@ -161,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
         model="artifacts/model",
         base_model="artifacts/base-model",
         latents="data/latents",
+        shards="data/shards",
         out="artifacts/eval",
         metrics=None,
     )

@@ -59,6 +59,7 @@ def build_pipeline(params: Params):
             model=train.outputs["model"],
             base_model=base.outputs["base_model"],
             latents=cache.outputs["latents"],
+            shards=pack.outputs["shards"],
         )
         evaluation.set_display_name("evaluate")
         # The gate: publish runs only when evaluate's decision passed; otherwise the UI

@@ -145,6 +145,7 @@ def evaluate_op(
     model: Input[Model],
     base_model: Input[Model],
     latents: Input[Dataset],
+    shards: Input[Dataset],
     evaluation: Output[Artifact],
     eval_metrics: Output[Metrics],
     report: Output[HTML],
@@ -162,6 +163,7 @@ def evaluate_op(
         Path(base_model.path),
         Path(latents.path),
         Path(evaluation.path),
+        shards=Path(shards.path),
     )
     metrics = json.loads((Path(evaluation.path) / "metrics.json").read_text())
     for key, value in metrics.items():

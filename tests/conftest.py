@@ -105,9 +105,12 @@ def trained(latents, tiny_model, tmp_path_factory) -> tuple[Path, train_unet.Tra
 PROMPTS = ["a red circle on a blue background", "a green square on a white background"]
 
 
+EVAL = EvaluateConfig(prompts=PROMPTS, num_inference_steps=2, heldout_captions=4)
+
+
 @pytest.fixture(scope="session")
-def evaluation(trained, tiny_model, latents, tmp_path_factory):
+def evaluation(trained, tiny_model, latents, shards, tmp_path_factory):
     """(eval folder, report) of the trained model against the tiny base model."""
     out = tmp_path_factory.mktemp("eval") / "eval"
-    cfg = EvaluateConfig(prompts=PROMPTS, num_inference_steps=2)
-    return out, evaluate.run(cfg, trained[0] / "model", tiny_model, latents, out)
+    report = evaluate.run(EVAL, trained[0] / "model", tiny_model, latents, out, shards=shards)
+    return out, report

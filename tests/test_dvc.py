@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 SMALL = {
     "pack": {"val_fraction": 0.2, "shard_max_samples": 16},
     "train": {"max_train_steps": 4, "train_batch_size": 4, "checkpointing_steps": 2},
-    "evaluate": {"prompts": ["a red circle"], "num_inference_steps": 1},
+    "evaluate": {"prompts": ["a red circle"], "num_inference_steps": 1, "heldout_captions": 4},
 }
 ALL = {"base_model", "pack", "cache", "train", "evaluate", "publish"}
 GIT_ID = {
@@ -104,6 +104,8 @@ def test_metrics_and_lock_are_committed_to_git(project):
         "metrics/train/loss.csv",
         "metrics/eval/metrics.json",
         "metrics/eval/val_loss_by_timestep.csv",
+        "metrics/eval/clip_score_by_prompt.csv",
+        "metrics/eval/grid.png",
     ):
         assert path in tracked, path
     assert not any(p.startswith(("artifacts/", "data/sample/", "data/shards")) for p in tracked)
@@ -199,4 +201,5 @@ def test_experiments_with_set_params_compare_and_never_publish(project, tmp_path
     sh(project, "dvc", "plots", "diff", "main", "-o", str(tmp_path / "plots"))
     html = (tmp_path / "plots" / "index.html").read_text()
     assert "loss.csv" in html and "held-out loss by timestep" in html
+    assert "CLIP score by prompt" in html and "grid.png" in html
     assert ran(sh(project, "dvc", "repro")) == set()  # the rewritten params.yaml reproduces

@@ -11,7 +11,7 @@ from components.common.config import EvaluateConfig, PublishConfig
 from components.common.errors import T2IError
 from components.common.records import read_evaluation_record, read_receipt
 
-from .conftest import PROMPTS
+from .conftest import EVAL, PROMPTS
 
 
 def test_metrics_compare_base_and_tuned(evaluation):
@@ -19,40 +19,126 @@ def test_metrics_compare_base_and_tuned(evaluation):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["tuned_val_loss"] < metrics["base_val_loss"]  # training helped held-out loss
     assert metrics["gate_passed"] is True and report.gate_passed
-    assert not any(isinstance(v, dict) for v in metrics.values())  # dvc exp show stays narrow
+    for key in ("val_loss", "clip_score", "fd", "kid", "kid_std"):
+        assert isinstance(metrics[f"base_{key}"], float), key
+        assert isinstance(metrics[f"tuned_{key}"], float), key
+    assert metrics["fd_ratio"] == pytest.approx(metrics["tuned_fd"] / metrics["base_fd"])
+    assert metrics["clip_score_delta"] == pytest.approx(
+        metrics["tuned_clip_score"] - metrics["base_clip_score"]
+    )
+    assert metrics["heldout_images"] == EVAL.heldout_captions
+    assert not any(isinstance(v, dict | list) for v in metrics.values())  # exp show stays narrow
     curve = (out / "val_loss_by_timestep.csv").read_text().splitlines()
     assert curve[0] == "timestep,base,tuned"
     assert [int(line.split(",")[0]) for line in curve[1:]] == [100, 300, 500, 700, 900]
+    by_prompt = (out / "clip_score_by_prompt.csv").read_text().splitlines()
+    assert by_prompt[0] == "row,prompt,base,tuned" and len(by_prompt) == 1 + len(PROMPTS)
     record = read_evaluation_record(out)
     assert record.passed and [c.name for c in record.checks] == ["val_loss_ratio"]
     assert record.checks[0].value == pytest.approx(metrics["val_loss_ratio"])
+    assert {c.key for c in record.comparisons} >= {"val_loss", "clip_score", "fd", "kid"}
 
 
-def test_grid_has_a_row_per_prompt_and_two_columns(evaluation):
+def test_grid_and_self_contained_report(evaluation):
     out, _ = evaluation
+    k = EVAL.images_per_prompt
     grid = Image.open(out / "grid.png")
-    assert grid.size == (220 + 2 * evaluate.CELL, 20 + len(PROMPTS) * evaluate.CELL)
+    width = 220 + 2 * k * evaluate.CELL + 8
+    assert grid.size == (width, 20 + len(PROMPTS) * evaluate.CELL)
     page = (out / "report.html").read_text()
     # Self-contained: every image inline, no link to another file or the network.
-    assert page.count("data:image/png;base64,") == 2 * len(PROMPTS)
+    assert page.count("data:image/png;base64,") == 2 * k * len(PROMPTS)
     assert "src='samples" not in page and "http://" not in page.replace(
         "http://www.w3.org/2000/svg", ""
     )
     assert page.count("<svg") == 2  # held-out loss by timestep, training loss
-    assert "val_loss_ratio" in page and "passed" in page
+    assert "val_loss_ratio" in page and "CLIP score" in page and "KID" in page
     record = read_evaluation_record(out)
-    assert [s.prompt for s in record.samples] == PROMPTS
+    assert [(s.prompt, s.seed) for s in record.samples] == [
+        (p, EVAL.seed + i) for p in PROMPTS for i in range(k)
+    ]
     for sample in record.samples:
         assert set(sample.images) == {"base", "tuned"}
         assert all((out / f).is_file() for f in sample.images.values())
 
 
-def test_held_out_loss_is_reproducible(trained, tiny_model, latents, tmp_path, evaluation):
-    cfg = EvaluateConfig(prompts=PROMPTS[:1], num_inference_steps=1)
-    evaluate.run(cfg, trained[0] / "model", tiny_model, latents, tmp_path)
+def test_seeds_make_evaluation_reproducible(
+    trained, tiny_model, latents, shards, tmp_path, evaluation
+):
+    evaluate.run(EVAL, trained[0] / "model", tiny_model, latents, tmp_path, shards=shards)
     again = json.loads((tmp_path / "metrics.json").read_text())
     first = json.loads((evaluation[0] / "metrics.json").read_text())
-    assert again["tuned_val_loss"] == first["tuned_val_loss"]
+    assert again == first
+    for sample in read_evaluation_record(tmp_path).samples:
+        for f in sample.images.values():
+            assert (tmp_path / f).read_bytes() == (evaluation[0] / f).read_bytes()
+
+
+def test_gate_checks_every_set_key_with_value_threshold_and_verdict():
+    from components.common.config import GateConfig
+
+    metrics = {"val_loss_ratio": 0.9, "clip_score_delta": -0.5, "fd_ratio": 1.2}
+    checks = evaluate.gate_checks(
+        GateConfig(max_val_loss_ratio=1.0, min_clip_score_delta=0.0, max_fd_ratio=1.1), metrics
+    )
+    assert [(c.name, c.comparison, c.threshold, c.passed) for c in checks] == [
+        ("val_loss_ratio", "<=", 1.0, True),
+        ("clip_score_delta", ">=", 0.0, False),
+        ("fd_ratio", "<=", 1.1, False),
+    ]
+    none = GateConfig(max_val_loss_ratio=None)
+    assert evaluate.gate_checks(none, metrics) == []
+
+
+def test_gate_reasons_reach_the_publish_receipt(trained, tiny_model, latents, shards, tmp_path):
+    from components.common.config import GateConfig
+
+    strict = EVAL.model_copy(
+        update={
+            "images_per_prompt": 1,
+            "gate": GateConfig(max_val_loss_ratio=1.0, min_clip_score_delta=1000.0),
+        }
+    )
+    report = evaluate.run(
+        strict, trained[0] / "model", tiny_model, latents, tmp_path / "eval", shards=shards
+    )
+    assert not report.gate_passed and "clip_score_delta" in report.summary()
+    cfg = PublishConfig(name="m", registry=str(tmp_path / "registry"))
+    with pytest.raises(publish.GateFailed, match="clip_score_delta .* .must be >= 1000.: failed"):
+        publish.run(cfg, trained[0] / "model", tmp_path / "eval", tmp_path / "out")
+    receipt = read_receipt(tmp_path / "out" / "receipt.json")
+    assert [(c.name, c.passed) for c in receipt.checks] == [
+        ("val_loss_ratio", True),
+        ("clip_score_delta", False),
+    ]
+
+
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (["evaluate.clip_model=nobody/no-such-clip"], "evaluate.clip_model 'nobody/no-such-clip'"),
+        (["evaluate.fd_model=nobody/no-such-dino"], "evaluate.fd_model 'nobody/no-such-dino'"),
+        (["evaluate.heldout_captions=500"], "evaluate.heldout_captions=500, but the validation"),
+        (["evaluate.prompts=[]"], "evaluate.prompts"),
+        (["evaluate.inception_weights=/no/such.pth"], "evaluate.inception_weights"),
+        (["evaluate.max_val_loss_ratio=2"], "moved to evaluate.gate.max_val_loss_ratio"),
+    ],
+)
+def test_bad_evaluation_input_is_one_line_exit_2_before_sampling(
+    trained, tiny_model, latents, shards, tmp_path, capsys, sets, message
+):
+    from components.cli import main
+
+    argv = ["evaluate", "--model", str(trained[0] / "model"), "--base-model", str(tiny_model)]
+    argv += ["--latents", str(latents), "--shards", str(shards), "--out", str(tmp_path / "e")]
+    for s in ["evaluate.heldout_captions=4", *sets]:
+        argv += ["--set", s]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    if "clip_model" in message:
+        assert "HF_HUB_OFFLINE" in err
+    assert not (tmp_path / "e").exists()
 
 
 @pytest.mark.parametrize("variable", ["DVC_EXP_NAME", "T2I_EXPERIMENT"])

@@ -61,7 +61,7 @@ def test_submit_posts_the_compiled_pipeline_into_the_experiment(kfp_api):
     assert run["experiment_id"] == "exp-1"
     spec = run["pipeline_spec"]
     assert spec["pipelineInfo"]["name"] == params.pipeline.name
-    assert set(spec["root"]["dag"]["tasks"]) >= {"train-op", "publish-op"}
+    assert set(spec["root"]["dag"]["tasks"]) >= {"train-op", "evaluate-op", "condition-1"}
 
 
 def test_schedule_creates_one_recurring_run_with_the_cron(kfp_api):

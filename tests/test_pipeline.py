@@ -132,6 +132,7 @@ def test_run_local_completes_with_every_artifact(tmp_path, sample_source, monkey
             "train.train_batch_size=4",
             "evaluate.num_inference_steps=1",
             "evaluate.prompts=[a red circle]",
+            "evaluate.heldout_captions=4",
             "pack.val_fraction=0.2",
             "pack.shard_max_samples=8",
             "pipeline.cache_workers=2",  # the ParallelFor + merge path (default: one task)
@@ -150,6 +151,9 @@ def test_run_local_completes_with_every_artifact(tmp_path, sample_source, monkey
     executed = json.loads((run_dir / "evaluate-op" / "executor_output.json").read_text())
     logged = executed["artifacts"]["eval_metrics"]["artifacts"][0]["metadata"]
     assert {"base_val_loss", "tuned_val_loss", "val_loss_ratio"} <= set(logged)
+    assert {"base_clip_score", "tuned_clip_score", "base_fd", "tuned_fd", "tuned_kid"} <= set(
+        logged
+    )
     assert executed["parameterValues"]["Output"] is True  # the gate decision
     receipt = json.loads((run_dir / "publish-op" / "receipt" / "receipt.json").read_text())
     # A local run is an experiment: evaluated and gated, not published by default.
@@ -170,7 +174,8 @@ def test_run_local_with_a_failed_gate_skips_publish(tmp_path, sample_source, mon
             "train.train_batch_size=4",
             "evaluate.num_inference_steps=1",
             "evaluate.prompts=[a red circle]",
-            "evaluate.max_val_loss_ratio=1e-6",  # no model passes this
+            "evaluate.heldout_captions=4",
+            "evaluate.gate.max_val_loss_ratio=1e-6",  # no model passes this
             "pack.val_fraction=0.2",
             "publish.from_experiments=true",
             f"publish.registry={tmp_path / 'registry'}",

@@ -76,14 +76,15 @@ def test_one_commit_with_card_lineage_and_tag_then_no_second_commit(
     for name in ("model_index.json", "unet/config.json", "README.md", "lineage.json"):
         assert name in files, name
     assert any(f.startswith("unet/") and f.endswith(".safetensors") for f in files)
-    assert "eval/grid.png" in files and "eval/samples/00-tuned.png" in files
+    assert "eval/grid.png" in files and "eval/samples/00-0-tuned.png" in files
 
     card = files["README.md"].decode()
     meta = yaml.safe_load(card.split("---")[1])
     assert meta["license"] == "mit" and meta["library_name"] == "diffusers"
     assert meta["pipeline_tag"] == "text-to-image"
     assert {"stable-diffusion", "diffusers-training", "t2i-pipeline"} <= set(meta["tags"])
-    assert meta["widget"][0]["output"]["url"] == "eval/samples/00-tuned.png"
+    assert meta["widget"][0]["output"]["url"] == "eval/samples/00-0-tuned.png"
+    assert len(meta["widget"]) == 2  # one per prompt
     metrics = meta["model-index"][0]["results"][0]["metrics"]
     assert metrics[0]["type"] == "loss" and metrics[0]["value"] > 0
     assert "## Usage" in card and f'from_pretrained("{REPO_ID}"' in card

@@ -8,78 +8,9 @@ learnt from a small fixed word list, so no download is needed.
 
 from __future__ import annotations
 
-import collections
-import json
-import tempfile
-from pathlib import Path
-
 import torch
 
-MAX_TOKENS = 77
-_WORDS = (
-    "a an the on of in with and background image photo picture "
-    "red green blue yellow orange purple pink white black gray grey brown cyan magenta "
-    "circle square triangle star diamond ellipse rectangle shape small large big "
-    "dark light bright colored coloured painting drawing of on top"
-).split()
-
-
-def _byte_alphabet() -> list[str]:
-    """The 256 printable stand-ins for bytes used by GPT-2/CLIP byte-level BPE."""
-    bs = list(range(ord("!"), ord("~") + 1))
-    bs += list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, extra = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in cs]
-
-
-def _learn_merges(words: list[str], n_merges: int) -> list[tuple[str, str]]:
-    """Greedy BPE over `words` (each ending in </w>); ties broken alphabetically."""
-    corpus = {tuple(w[:-1]) + (w[-1] + "</w>",): 1 for w in words}
-    merges: list[tuple[str, str]] = []
-    for _ in range(n_merges):
-        pairs: collections.Counter = collections.Counter()
-        for symbols, freq in corpus.items():
-            for pair in zip(symbols, symbols[1:], strict=False):
-                pairs[pair] += freq
-        if not pairs:
-            break
-        best = min(pairs, key=lambda p: (-pairs[p], p))
-        merges.append(best)
-        merged = {}
-        for symbols, freq in corpus.items():
-            out, i = [], 0
-            while i < len(symbols):
-                if symbols[i : i + 2] == best:
-                    out.append(best[0] + best[1])
-                    i += 2
-                else:
-                    out.append(symbols[i])
-                    i += 1
-            merged[tuple(out)] = freq
-        corpus = merged
-    return merges
-
-
-def build_tiny_tokenizer():
-    from transformers import CLIPTokenizer
-
-    alphabet = _byte_alphabet()
-    merges = _learn_merges(sorted(set(_WORDS)), n_merges=200)
-    vocab = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges]
-    vocab = list(dict.fromkeys(vocab)) + ["<|startoftext|>", "<|endoftext|>"]
-    with tempfile.TemporaryDirectory() as d:
-        Path(d, "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-        Path(d, "merges.txt").write_text(
-            "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
-        )
-        return CLIPTokenizer(
-            str(Path(d, "vocab.json")), str(Path(d, "merges.txt")), model_max_length=MAX_TOKENS
-        )
+from components.common.tiny import MAX_TOKENS, build_tiny_tokenizer
 
 
 def build_tiny_pipeline(seed: int):

@@ -164,16 +164,53 @@ class TrainConfig(Section):
         return self
 
 
+class GateConfig(Section):
+    """Each check is optional (null: not checked); every set check must pass."""
+
+    # tuned held-out loss / base held-out loss.
+    max_val_loss_ratio: float | None = Field(1.0, gt=0)
+    # tuned CLIP score - base CLIP score (prompt alignment), on evaluate.prompts.
+    min_clip_score_delta: float | None = None
+    # tuned FD / base FD (distribution distance to the held-out images).
+    max_fd_ratio: float | None = Field(None, gt=0)
+
+
 class EvaluateConfig(Section):
     prompts: list[str] = Field(
         default_factory=lambda: ["a red circle on a blue background"], min_length=1
     )
+    images_per_prompt: int = Field(2, ge=1, le=64)
+    # Captions drawn from the validation split; one image each, compared with the real
+    # held-out images by FD / KID (and FID with local Inception weights).
+    heldout_captions: int = Field(16, ge=2)
+    scheduler: Literal["ddim", "dpmpp", "euler", "pndm"] = "dpmpp"
     num_inference_steps: int = Field(20, ge=1)
     guidance_scale: float = Field(7.5, ge=0)
+    batch_size: int = Field(16, ge=1)  # images generated at once
     seed: int = 0
     val_timesteps: list[int] = Field(default_factory=lambda: [100, 300, 500, 700, 900])
-    # The gate: fine-tuned held-out loss must be at most this times the base model's.
-    max_val_loss_ratio: float = Field(1.0, gt=0)
+    # tiny (built offline from `seed`, like the tiny SD model), a hub id or a local
+    # folder. Usual for SD 1.x: openai/clip-vit-large-patch14 and facebook/dinov2-base.
+    clip_model: str = "tiny"
+    fd_model: str = "tiny"
+    # FID with Inception-v3: a local copy of the torch-fidelity weights
+    # (pt_inception-2015-12-05-6726825d.pth; the `fid` extra). null: no FID.
+    inception_weights: str | None = None
+    gate: GateConfig = GateConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, values: Any) -> Any:
+        if isinstance(values, dict) and "max_val_loss_ratio" in values:
+            raise ValueError("max_val_loss_ratio moved to evaluate.gate.max_val_loss_ratio")
+        return values
+
+    @field_validator("prompts")
+    @classmethod
+    def _non_empty(cls, v: list[str]) -> list[str]:
+        if any(not p.strip() for p in v):
+            raise ValueError("prompts must be non-empty strings")
+        return v
 
     @field_validator("val_timesteps")
     @classmethod

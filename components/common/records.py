@@ -260,11 +260,22 @@ class EvalSample(Record):
     images: dict[str, str]  # model ("base", "tuned") -> file under the evaluation folder
 
 
+class Comparison(Record):
+    """One metric of both models, as reports and the model card show it."""
+
+    key: str  # metrics.json keys: base_<key>, tuned_<key>
+    label: str
+    base: float
+    tuned: float
+    better: Literal["lower", "higher"]
+
+
 class EvaluationRecord(Versioned):
     """The evaluation's decision: metrics, every gate check, and the samples made."""
 
     unet_sha256: str  # of the model that was evaluated
     metrics: dict[str, float]
+    comparisons: list[Comparison] = Field(default_factory=list)
     checks: list[GateCheck]
     passed: bool
     samples: list[EvalSample]

@@ -10,19 +10,20 @@ value, threshold and verdict), which publish reads.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
 
-from components.common.config import EvaluateConfig
-from components.common.errors import T2IError
+from components.common.config import EvaluateConfig, GateConfig
+from components.common.errors import ConfigError
 from components.common.io import atomic_path, write_bytes_atomic, write_json_atomic
 from components.common.models import check_model_dir, default_device, weights_sha256
 from components.common.objective import denoising_loss, text_conditioning
 from components.common.records import (
     EVALUATION_RECORD,
+    Comparison,
     EvalSample,
     EvaluationRecord,
     GateCheck,
@@ -32,6 +33,8 @@ from components.common.records import (
     write_record,
 )
 from components.evaluate.report import render_report
+from components.evaluate.sampling import generate, heldout_images, to_uint8, use_scheduler
+from components.evaluate.scores import clip_scores, distances, load_scorers
 
 CELL = 128  # pixels per grid cell: tiny samples are upscaled to be seen
 
@@ -41,12 +44,14 @@ class EvalReport:
     base_val_loss: float
     tuned_val_loss: float
     gate_passed: bool
+    checks: list[GateCheck] = field(default_factory=list)
 
     def summary(self) -> str:
         verdict = "passed" if self.gate_passed else "FAILED"
+        checks = "; ".join(c.describe() for c in self.checks)
         return (
             f"held-out loss base {self.base_val_loss:.4f} -> tuned "
-            f"{self.tuned_val_loss:.4f}; gate {verdict}"
+            f"{self.tuned_val_loss:.4f}; gate {verdict} ({checks})"
         )
 
 
@@ -57,12 +62,15 @@ def run(
     latents: Path,
     out: Path,
     metrics_dir: Path | None = None,
+    shards: Path | None = None,
 ) -> EvalReport:
     """Compare `model` with `base_model`; write metrics, grid and report under `out`,
-    and `metrics.json` + `val_loss_by_timestep.csv` also to `metrics_dir` when given
-    (under DVC a git-tracked folder: DVC metrics and plots).
+    and the DVC metrics and plots also to `metrics_dir` when given.
 
-    Raises T2IError when a model folder is missing or there are no validation samples.
+    `shards` (the pack output) gives the real held-out images and captions of the
+    distribution metrics (default: the folder the latent manifest names). Raises
+    ConfigError for bad settings (models that do not load, too few held-out samples)
+    before any sampling, T2IError for missing inputs.
     """
     from diffusers import StableDiffusionPipeline
 
@@ -70,72 +78,75 @@ def run(
     manifest = read_latent_manifest(latents)
     val = load_latent_split(latents, "val")
     if not val:
-        raise T2IError(f"{latents}: no validation samples; raise pack.val_fraction")
+        raise ConfigError(f"{latents}: no validation samples; raise pack.val_fraction and re-run")
+    heldout = heldout_images(Path(shards) if shards else None, cfg, manifest.resolution)
+    device = default_device()
+    scorers = load_scorers(cfg, device)
     pipes = {
-        name: StableDiffusionPipeline.from_pretrained(check_model_dir(path)).to(default_device())
+        name: StableDiffusionPipeline.from_pretrained(check_model_dir(path)).to(device)
         for name, path in (("base", base_model), ("tuned", model))
     }
     per_t = {
         name: held_out_loss(p, val, cfg, manifest.vae_scaling_factor) for name, p in pipes.items()
     }
-    losses = {name: sum(v.values()) / len(v) for name, v in per_t.items()}
-    ratio = losses["tuned"] / losses["base"]
-    checks = [
-        GateCheck(
-            name="val_loss_ratio",
-            value=ratio,
-            threshold=cfg.max_val_loss_ratio,
-            comparison="<=",
-            passed=ratio <= cfg.max_val_loss_ratio,
+    jobs = [(p, cfg.seed + i) for p in cfg.prompts for i in range(cfg.images_per_prompt)]
+    held_jobs = [(c, cfg.seed + 100_000 + j) for j, c in enumerate(heldout.captions)]
+    images, clip, dist = {}, {}, {}
+    for name, pipe in pipes.items():
+        use_scheduler(pipe, cfg.scheduler)
+        images[name] = generate(pipe, jobs, cfg, manifest.resolution)
+        clip[name] = clip_scores(scorers, [to_uint8(i) for i in images[name]], [p for p, _ in jobs])
+        fake = torch.stack(
+            [to_uint8(i) for i in generate(pipe, held_jobs, cfg, manifest.resolution)]
         )
-    ]
-    report = EvalReport(losses["base"], losses["tuned"], all(c.passed for c in checks))
-    # Top-level scalars only: `dvc metrics show` / `dvc exp show` stay readable; the
-    # per-timestep curve is val_loss_by_timestep.csv (a DVC plot) and in the report.
-    metrics = {
-        "base_val_loss": losses["base"],
-        "tuned_val_loss": losses["tuned"],
-        "val_loss_ratio": ratio,
-        "max_val_loss_ratio": cfg.max_val_loss_ratio,
-        "gate_passed": report.gate_passed,
-        "val_samples": len(val),
-    }
+        dist[name] = distances(scorers, heldout.images, fake, cfg.seed)
+    losses = {name: sum(v.values()) / len(v) for name, v in per_t.items()}
+    comparisons = _comparisons(losses, clip, dist)
+    metrics = _metrics(comparisons, len(val), len(held_jobs))
+    checks = gate_checks(cfg.gate, metrics)
+    metrics["gate_passed"] = all(c.passed for c in checks)
+    report = EvalReport(losses["base"], losses["tuned"], metrics["gate_passed"], checks)
     out.mkdir(parents=True, exist_ok=True)
-    images = {
-        name: [_sample(p, prompt, cfg, manifest.resolution) for prompt in cfg.prompts]
-        for name, p in pipes.items()
-    }
-    samples = _save_samples(images, cfg, out)
+    samples = _save_samples(images, jobs, out)
+    grid = sample_grid(images, jobs, cfg)
     with atomic_path(out / "grid.png", ".png") as tmp:
-        sample_grid(images, cfg).save(tmp, "PNG")
-    train = read_train_record(model)
+        grid.save(tmp, "PNG")
+    by_prompt = _clip_by_prompt(cfg, jobs, clip)
     page = render_report(
         title="Evaluation: base vs fine-tuned",
         details=[
             ("model", str(model)),
-            ("steps", str(train.steps)),
-            ("validation samples", str(len(val))),
-            ("sampling", f"{cfg.num_inference_steps} steps, guidance {cfg.guidance_scale}"),
+            ("steps", str(read_train_record(model).steps)),
+            ("held-out latents", str(len(val))),
+            ("held-out images", str(len(held_jobs))),
+            (
+                "sampling",
+                f"{cfg.scheduler}, {cfg.num_inference_steps} steps, guidance {cfg.guidance_scale}",
+            ),
+            ("CLIP", cfg.clip_model),
+            ("features", cfg.fd_model),
         ],
-        metrics=[("held-out loss (mean over timesteps)", losses["base"], losses["tuned"])],
+        comparisons=comparisons,
         checks=checks,
         passed=report.gate_passed,
         samples=samples,
         folder=out,
         val_loss=per_t,
-        loss_curve=train.loss_curve,
+        clip_by_prompt=by_prompt,
+        loss_curve=read_train_record(model).loss_curve,
     )
     write_bytes_atomic(out / "report.html", page.encode())
     for folder in {out, Path(metrics_dir or out)}:
         write_json_atomic(folder / "metrics.json", metrics)
         write_bytes_atomic(folder / "val_loss_by_timestep.csv", _by_timestep_csv(per_t))
+        write_bytes_atomic(folder / "clip_score_by_prompt.csv", _by_prompt_csv(by_prompt))
+    if metrics_dir:
+        with atomic_path(Path(metrics_dir) / "grid.png", ".png") as tmp:
+            grid.save(tmp, "PNG")
     record = EvaluationRecord(
         unet_sha256=weights_sha256(model, "unet"),
-        metrics={
-            k: float(v)
-            for k, v in metrics.items()
-            if isinstance(v, int | float) and not isinstance(v, bool)
-        },
+        metrics={k: float(v) for k, v in metrics.items() if not isinstance(v, bool)},
+        comparisons=comparisons,
         checks=checks,
         passed=report.gate_passed,
         samples=samples,
@@ -146,6 +157,81 @@ def run(
     return report
 
 
+def _comparisons(losses, clip, dist) -> list[Comparison]:
+    """The metric pairs: (key, label, base, tuned, which is better)."""
+    mean = {m: sum(v) / len(v) for m, v in clip.items()}
+    rows = [
+        ("val_loss", "held-out loss (mean over timesteps)", losses, "lower"),
+        ("clip_score", "CLIP score (prompt alignment)", mean, "higher"),
+        ("fd", "FD on feature-model embeddings (vs held-out images)", _of(dist, "fd"), "lower"),
+        ("kid", "KID (vs held-out images)", _of(dist, "kid"), "lower"),
+        ("kid_std", "KID std over subsets", _of(dist, "kid_std"), "lower"),
+    ]
+    if dist["base"].fid is not None:
+        rows.append(("fid", "FID (Inception-v3)", _of(dist, "fid"), "lower"))
+    return [
+        Comparison(key=key, label=label, base=v["base"], tuned=v["tuned"], better=better)
+        for key, label, v, better in rows
+    ]
+
+
+def _of(dist: dict, name: str) -> dict[str, float]:
+    return {model: getattr(d, name) for model, d in dist.items()}
+
+
+def _metrics(comparisons: list[Comparison], val_samples: int, heldout: int) -> dict:
+    """Top-level scalars only: `dvc metrics show` / `dvc exp show` stay readable."""
+    metrics: dict = {}
+    for c in comparisons:
+        metrics[f"base_{c.key}"], metrics[f"tuned_{c.key}"] = c.base, c.tuned
+    m = metrics
+    metrics["val_loss_ratio"] = m["tuned_val_loss"] / m["base_val_loss"]
+    metrics["clip_score_delta"] = m["tuned_clip_score"] - m["base_clip_score"]
+    metrics["fd_ratio"] = m["tuned_fd"] / m["base_fd"] if m["base_fd"] > 0 else float("inf")
+    metrics["val_samples"] = val_samples
+    metrics["heldout_images"] = heldout
+    return metrics
+
+
+def gate_checks(gate: GateConfig, metrics: dict) -> list[GateCheck]:
+    """Every check the gate sets, with its value, threshold and verdict."""
+    spec = [
+        ("val_loss_ratio", gate.max_val_loss_ratio, "<="),
+        ("clip_score_delta", gate.min_clip_score_delta, ">="),
+        ("fd_ratio", gate.max_fd_ratio, "<="),
+    ]
+    checks = []
+    for name, threshold, comparison in spec:
+        if threshold is None:
+            continue
+        value = metrics[name]
+        passed = value <= threshold if comparison == "<=" else value >= threshold
+        checks.append(
+            GateCheck(
+                name=name, value=value, threshold=threshold, comparison=comparison, passed=passed
+            )
+        )
+    return checks
+
+
+def _clip_by_prompt(cfg: EvaluateConfig, jobs, clip) -> list[tuple[str, float, float]]:
+    rows = []
+    for prompt in cfg.prompts:
+        idx = [i for i, (p, _) in enumerate(jobs) if p == prompt]
+        mean = {m: sum(clip[m][i] for i in idx) / len(idx) for m in clip}
+        rows.append((prompt, mean["base"], mean["tuned"]))
+    return rows
+
+
+def _by_prompt_csv(rows: list[tuple[str, float, float]]) -> bytes:
+    """row,prompt,base,tuned: CLIP score per prompt (a DVC plot)."""
+    lines = ["row,prompt,base,tuned"]
+    for i, (prompt, base, tuned) in enumerate(rows):
+        quoted = '"' + prompt.replace('"', '""') + '"'
+        lines.append(f"{i},{quoted},{base!r},{tuned!r}")
+    return ("\n".join(lines) + "\n").encode()
+
+
 def _by_timestep_csv(per_t: dict[str, dict[int, float]]) -> bytes:
     """timestep,base,tuned: the held-out loss curves (a DVC plot)."""
     lines = ["timestep,base,tuned"]
@@ -153,16 +239,18 @@ def _by_timestep_csv(per_t: dict[str, dict[int, float]]) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
-def _save_samples(images: dict[str, list[Image.Image]], cfg: EvaluateConfig, out: Path):
-    """Each sample as `samples/<row>-<model>.png`; their records, one per prompt."""
-    samples = []
-    for row, prompt in enumerate(cfg.prompts):
+def _save_samples(images: dict[str, list[Image.Image]], jobs, out: Path) -> list[EvalSample]:
+    """Each sample as `samples/<prompt row>-<image>-<model>.png`; one record per
+    (prompt, seed)."""
+    samples, rows = [], {}
+    for n, (prompt, seed) in enumerate(jobs):
+        row = rows.setdefault(prompt, len(rows))
         files = {}
-        for name, row_images in images.items():
-            files[name] = f"samples/{row:02d}-{name}.png"
+        for name, model_images in images.items():
+            files[name] = f"samples/{row:02d}-{seed}-{name}.png"
             with atomic_path(out / files[name], ".png") as tmp:
-                row_images[row].save(tmp, "PNG")
-        samples.append(EvalSample(prompt=prompt, seed=cfg.seed, images=files))
+                model_images[n].save(tmp, "PNG")
+        samples.append(EvalSample(prompt=prompt, seed=seed, images=files))
     return samples
 
 
@@ -173,7 +261,9 @@ def held_out_loss(
     """Mean loss per timestep over the validation samples, by training's own
     `denoising_loss`, with the same ε and noise for every model. Min-SNR weighting is
     left off: at one timestep it is a constant factor, the same for both models."""
-    scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training scheduler
     device = pipe.device
     losses = {}
     for t in cfg.val_timesteps:
@@ -201,29 +291,23 @@ def held_out_loss(
     return losses
 
 
-def sample_grid(images: dict[str, list[Image.Image]], cfg: EvaluateConfig) -> Image.Image:
-    """Rows: prompts; columns: the models' samples (each from the same seed)."""
-    label_w = 220
-    grid = Image.new("RGB", (label_w + CELL * len(images), 20 + CELL * len(cfg.prompts)), "white")
+def sample_grid(images: dict[str, list[Image.Image]], jobs, cfg: EvaluateConfig) -> Image.Image:
+    """Rows: prompts; columns: each model's images, one per seed (same seeds)."""
+    label_w, k = 220, cfg.images_per_prompt
+    cols = [(name, i) for name in images for i in range(k)]
+    width = label_w + CELL * len(cols) + 8 * (len(images) - 1)
+    grid = Image.new("RGB", (width, 20 + CELL * len(cfg.prompts)), "white")
     draw = ImageDraw.Draw(grid)
-    for col, name in enumerate(images):
-        draw.text((label_w + col * CELL + 4, 4), name, fill="black")
+
+    def x_of(col: int) -> int:
+        return label_w + col * CELL + 8 * (col // k)
+
+    for col, (name, i) in enumerate(cols):
+        draw.text((x_of(col) + 4, 4), f"{name} s{jobs[i][1]}", fill="black")
     for row, prompt in enumerate(cfg.prompts):
         y = 20 + row * CELL
         draw.text((4, y + CELL // 2), prompt[:36], fill="black")
-        for col, row_images in enumerate(images.values()):
-            image = row_images[row]
-            grid.paste(image.resize((CELL, CELL), Image.NEAREST), (label_w + col * CELL, y))
+        for col, (name, i) in enumerate(cols):
+            image = images[name][row * k + i]
+            grid.paste(image.resize((CELL, CELL), Image.NEAREST), (x_of(col), y))
     return grid
-
-
-def _sample(pipe, prompt: str, cfg: EvaluateConfig, resolution: int) -> Image.Image:
-    pipe.set_progress_bar_config(disable=True)
-    return pipe(
-        prompt,
-        height=resolution,
-        width=resolution,
-        num_inference_steps=cfg.num_inference_steps,
-        guidance_scale=cfg.guidance_scale,
-        generator=torch.Generator().manual_seed(cfg.seed),
-    ).images[0]

@@ -8,7 +8,7 @@ import base64
 import html
 from pathlib import Path
 
-from components.common.records import EvalSample, GateCheck
+from components.common.records import Comparison, EvalSample, GateCheck
 
 _STYLE = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222}
@@ -30,16 +30,17 @@ def render_report(
     *,
     title: str,
     details: list[tuple[str, str]],
-    metrics: list[tuple[str, float, float]],
+    comparisons: list[Comparison],
     checks: list[GateCheck],
     passed: bool,
     samples: list[EvalSample],
     folder: Path,
     val_loss: dict[str, dict[int, float]],
+    clip_by_prompt: list[tuple[str, float, float]],
     loss_curve: list[tuple[int, float]],
 ) -> str:
-    """The page. `metrics`: (name, base, tuned); `samples`: image files under `folder`;
-    `val_loss`: {model: {timestep: loss}}; `loss_curve`: the training loss."""
+    """The page. `samples`: image files under `folder`; `val_loss`: {model: {timestep:
+    loss}}; `clip_by_prompt`: (prompt, base, tuned); `loss_curve`: the training loss."""
     esc = html.escape
     parts = [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
@@ -60,13 +61,22 @@ def render_report(
         )
     parts.append("</table>")
     parts.append("<h2>Metrics</h2><table><tr><th>metric</th><th>base</th><th>fine-tuned</th>")
-    parts.append("<th>delta</th></tr>")
-    for name, base, tuned in metrics:
+    parts.append("<th>delta</th><th>better</th></tr>")
+    for c in comparisons:
+        delta = c.tuned - c.base
+        improved = delta < 0 if c.better == "lower" else delta > 0
+        cls = "pass" if improved else ("" if delta == 0 else "fail")
         parts.append(
-            f"<tr><td>{esc(name)}</td><td>{base:.4g}</td><td>{tuned:.4g}</td>"
-            f"<td>{tuned - base:+.4g}</td></tr>"
+            f"<tr><td>{esc(c.label)}</td><td>{c.base:.4g}</td><td>{c.tuned:.4g}</td>"
+            f"<td class='{cls}'>{delta:+.4g}</td><td>{c.better}</td></tr>"
         )
     parts.append("</table>")
+    if clip_by_prompt:
+        parts.append("<h2>CLIP score by prompt</h2><table><tr><th>prompt</th><th>base</th>")
+        parts.append("<th>fine-tuned</th></tr>")
+        for prompt, base, tuned in clip_by_prompt:
+            parts.append(f"<tr><td>{esc(prompt)}</td><td>{base:.4g}</td><td>{tuned:.4g}</td></tr>")
+        parts.append("</table>")
     parts.append(_samples(samples, folder))
     parts.append("<div class='charts'>")
     parts.append(
@@ -82,16 +92,25 @@ def render_report(
 
 
 def _samples(samples: list[EvalSample], folder: Path) -> str:
+    """Per prompt, one row: every seed's base image, then every seed's tuned image."""
     if not samples:
         return ""
     models = list(samples[0].images)
-    rows = ["<h2>Samples</h2><table class='samples'><tr><th>prompt</th><th>seed</th>"]
-    rows += [f"<th>{html.escape(m)}</th>" for m in models]
-    rows.append("</tr>")
+    by_prompt: dict[str, list[EvalSample]] = {}
     for s in samples:
-        rows.append(f"<tr><td>{html.escape(s.prompt)}</td><td>{s.seed}</td>")
+        by_prompt.setdefault(s.prompt, []).append(s)
+    seeds = [s.seed for s in next(iter(by_prompt.values()))]
+    rows = ["<h2>Samples (same seeds for both models)</h2><table class='samples'><tr>"]
+    rows.append("<th>prompt</th>")
+    rows += [f"<th>{html.escape(m)}<br>seed {seed}</th>" for m in models for seed in seeds]
+    rows.append("</tr>")
+    for prompt, group in by_prompt.items():
+        rows.append(f"<tr><td>{html.escape(prompt)}</td>")
         for m in models:
-            rows.append(f"<td>{_img(folder / s.images[m], f'{m}: {s.prompt}')}</td>")
+            for s in group:
+                rows.append(
+                    f"<td>{_img(folder / s.images[m], f'{m}, seed {s.seed}: {prompt}')}</td>"
+                )
         rows.append("</tr>")
     rows.append("</table>")
     return "".join(rows)

@@ -64,12 +64,12 @@ def card_metadata(model_name: str, license_: str | None, train, evaluation):
             dataset_type=dataset or "custom",
             dataset_name=dataset or f"held-out split of {train.pack.source}",
             dataset_split="validation",
-            metric_type="loss",
-            metric_name=f"held-out diffusion loss ({label})",
-            metric_value=round(evaluation.metrics[key], 6),
+            metric_type="loss" if c.key == "val_loss" else c.key,
+            metric_name=f"{c.label} ({label})",
+            metric_value=round(value, 6),
         )
-        for key, label in (("tuned_val_loss", "fine-tuned"), ("base_val_loss", "base model"))
-        if key in evaluation.metrics
+        for c in _comparisons(evaluation)
+        for label, value in (("fine-tuned", c.tuned), ("base model", c.base))
     ]
     extra: dict[str, Any] = {}
     if base is not None and base.hub_id:
@@ -81,11 +81,11 @@ def card_metadata(model_name: str, license_: str | None, train, evaluation):
         library_name="diffusers",
         pipeline_tag="text-to-image",
         tags=TAGS,
-        widget=[
+        widget=[  # one per prompt: its first seed
             {"text": s.prompt, "output": {"url": f"eval/{s.images['tuned']}"}}
-            for s in evaluation.samples
+            for s in {s.prompt: s for s in reversed(evaluation.samples)}.values()
             if "tuned" in s.images
-        ],
+        ][::-1],
         model_name=model_name,
         eval_results=results or None,
         **extra,
@@ -153,8 +153,10 @@ def _body(load: str, name, version, train: TrainRecord, evaluation: EvaluationRe
         "## Limitations",
         "",
         "The model inherits the base model's limitations and biases and learns those of "
-        "its training data. The held-out loss measures fit to the data's distribution, "
-        "not image quality or prompt alignment; look at the samples before relying on it.",
+        "its training data. The held-out loss measures fit to the data's distribution; "
+        "CLIP score (prompt alignment) and FD/KID (distance to held-out images) are only as "
+        "good as the CLIP and feature models named in `lineage.json`, and on a few dozen "
+        "images they are noisy. Look at the samples before relying on the numbers.",
         "",
     ]
     return "\n".join(lines)
@@ -182,11 +184,32 @@ def _data_lines(train: TrainRecord) -> list[str]:
     ]
 
 
-def _evaluation_lines(evaluation: EvaluationRecord) -> list[str]:
+def _comparisons(evaluation: EvaluationRecord) -> list:
+    """The evaluation's metric pairs (records from before `comparisons`: the losses)."""
+    if evaluation.comparisons:
+        return evaluation.comparisons
+    from components.common.records import Comparison
+
     m = evaluation.metrics
-    lines = ["| metric | base | fine-tuned |", "|---|---|---|"]
     if "base_val_loss" in m and "tuned_val_loss" in m:
-        lines.append(f"| held-out loss | {m['base_val_loss']:.4f} | {m['tuned_val_loss']:.4f} |")
+        return [
+            Comparison(
+                key="val_loss",
+                label="held-out loss",
+                base=m["base_val_loss"],
+                tuned=m["tuned_val_loss"],
+                better="lower",
+            )
+        ]
+    return []
+
+
+def _evaluation_lines(evaluation: EvaluationRecord) -> list[str]:
+    lines = ["| metric | base | fine-tuned | better |", "|---|---|---|---|"]
+    lines += [
+        f"| {c.label} | {c.base:.4g} | {c.tuned:.4g} | {c.better} |"
+        for c in _comparisons(evaluation)
+    ]
     verdict = "passed" if evaluation.passed else "failed"
     lines += ["", f"Gate ({verdict}):", ""]
     lines += [f"- {c.describe()}" for c in evaluation.checks]
