@@ -23,6 +23,9 @@ from components.common.config import (  # noqa: E402
     TrainConfig,
 )
 
+# A few VAE pretraining steps: the tests check mechanics, not picture quality (the
+# default's 400 steps are tested once, in test_default_run.py).
+MODEL = ModelConfig(seed=0, tiny_vae_steps=8)
 PACK = PackConfig(val_fraction=0.2, shard_max_samples=16)
 CACHE = CacheConfig(resolution=32, random_flip=True, batch_size=16)
 TRAIN = TrainConfig(
@@ -66,7 +69,7 @@ def run_killed_on_second_shard(module: str, call: str, *args) -> None:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("base") / "base-model"
-    base_model.run(ModelConfig(seed=0), out)
+    base_model.run(MODEL, out)
     return out
 
 

@@ -5,10 +5,12 @@ from components.common.config import ModelConfig
 from components.common.errors import T2IError
 from components.common.io import sha256_tree
 
+from .conftest import MODEL
+
 
 def test_same_seed_gives_byte_identical_weights(tiny_model, tmp_path):
     again = tmp_path / "again"
-    base_model.run(ModelConfig(seed=0), again)
+    base_model.run(MODEL, again)
     for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         assert sha256_tree(tiny_model / part) == sha256_tree(again / part), part
 

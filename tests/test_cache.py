@@ -37,7 +37,7 @@ def test_one_latent_shard_per_input_shard_and_all_samples(shards, latents):
     packed, cached = manifest(shards), manifest(latents)
     assert [s["source_name"] for s in cached["shards"]] == [s["name"] for s in packed["shards"]]
     assert [s["samples"] for s in cached["shards"]] == [s["samples"] for s in packed["shards"]]
-    assert cached["latent_shape"] == [4, 16, 16]
+    assert cached["latent_shape"] == [4, 8, 8]  # the tiny VAE downsamples by 4
     for shard in cached["shards"]:
         assert sha256_file(latents / shard["name"]) == shard["sha256"]
         record = next(read_shard(latents / shard["name"]))
@@ -161,7 +161,7 @@ def test_transform_change_reencodes_everything(shards, tiny_model, latents, tmp_
         CACHE.model_copy(update={"resolution": 16}), shards, tiny_model, out
     )
     assert changed.shards_encoded == n
-    assert manifest(out)["latent_shape"] == [4, 8, 8]
+    assert manifest(out)["latent_shape"] == [4, 4, 4]
     assert len(list(out.glob("*.tar"))) == n  # the old resolution's shards are gone
     flip = cache_latents.run(
         CACHE.model_copy(update={"resolution": 16, "random_flip": False}), shards, tiny_model, out

@@ -128,6 +128,7 @@ def test_run_local_completes_with_every_artifact(tmp_path, sample_source, monkey
         None,
         [
             f"data.source={parquet}",
+            "model.tiny_vae_steps=8",
             "train.max_train_steps=4",
             "train.train_batch_size=4",
             "evaluate.num_inference_steps=1",
@@ -170,6 +171,7 @@ def test_run_local_with_a_failed_gate_skips_publish(tmp_path, sample_source, mon
         None,
         [
             f"data.source={sample_source}",
+            "model.tiny_vae_steps=8",
             "train.max_train_steps=2",
             "train.train_batch_size=4",
             "evaluate.num_inference_steps=1",
