@@ -371,6 +371,7 @@ def test_two_gloo_processes_equal_one_with_twice_the_batch(latents, tiny_model, 
     train_unet.run(one, latents, tiny_model, tmp_path / "one", tmp_path / "r1", tmp_path / "c1")
     sets = [f"train.{k}={v}" for k, v in {**common, "train_batch_size": 4}.items()]
     sets += ["train.learning_rate=0.001", "train.lr_scheduler=constant"]
+    sets += ["train.proportion_empty_prompts=0.0"]  # as TRAIN, not params.yaml
     argv = ["train", "--num-processes", "2", "--latents", str(latents), "--model", str(tiny_model)]
     argv += ["--out", str(tmp_path / "two"), "--reports", str(tmp_path / "r2")]
     argv += ["--checkpoints", str(tmp_path / "c2")]
