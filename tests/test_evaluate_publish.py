@@ -356,3 +356,23 @@ def test_held_out_loss_is_trainings_loss_incl_cached_text_embeddings(
     a = evaluate.held_out_loss(pipe, with_ids, cfg, factor)
     b = evaluate.held_out_loss(pipe, with_states, cfg, factor)
     assert a == pytest.approx(b, rel=1e-4)
+
+
+def test_no_validation_samples_is_one_line_exit_2(
+    trained, tiny_model, sample_source, tmp_path, capsys
+):
+    from components import cache_latents, pack_shards
+    from components.cli import main
+    from components.common.config import DataConfig, PackConfig
+
+    from .conftest import CACHE
+
+    pack_shards.run(DataConfig(), PackConfig(val_fraction=0.0), sample_source, tmp_path / "s")
+    cache_latents.run(CACHE, tmp_path / "s", tiny_model, tmp_path / "l")
+    capsys.readouterr()  # the progress bars of pack and cache
+    argv = ["evaluate", "--model", str(trained[0] / "model"), "--base-model", str(tiny_model)]
+    argv += ["--latents", str(tmp_path / "l"), "--shards", str(tmp_path / "s")]
+    assert main([*argv, "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no validation samples" in err
+    assert "pack.val_fraction" in err and not (tmp_path / "e").exists()
