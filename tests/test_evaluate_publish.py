@@ -121,6 +121,7 @@ def test_gate_reasons_reach_the_publish_receipt(trained, tiny_model, latents, sh
         (["evaluate.heldout_captions=500"], "evaluate.heldout_captions=500, but the validation"),
         (["evaluate.prompts=[]"], "evaluate.prompts"),
         (["evaluate.inception_weights=/no/such.pth"], "evaluate.inception_weights"),
+        (["evaluate.inception_weights=params.yaml"], "needs torch-fidelity"),  # a file
         (["evaluate.max_val_loss_ratio=2"], "moved to evaluate.gate.max_val_loss_ratio"),
     ],
 )

@@ -132,7 +132,8 @@ def _check_inception(path: str) -> None:
         import torch_fidelity  # noqa: F401
     except ImportError:
         raise ConfigError(
-            "evaluate.inception_weights needs torch-fidelity: pip install -e '.[fid]'"
+            "evaluate.inception_weights needs torch-fidelity (and torchvision, which it "
+            "imports): pip install -e '.[fid]' with the torchvision build that matches torch"
         ) from None
 
 
