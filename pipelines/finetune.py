@@ -47,7 +47,16 @@ def build_pipeline(params: Params):
             pack_params=pack_params,
         )
         pack.set_display_name("pack")
-        cache = _cache(ops, params.pipeline.cache_workers, cache_params, pack, base)
+        cache = _cache(
+            ops,
+            params.pipeline.cache_workers,
+            cache_params,
+            pack,
+            base,
+            params.pipeline.resources["cache"],
+            params.pipeline.retries,
+            params.pipeline.image,
+        )
         train = ops.train_op(
             train_params=train_params,
             checkpoint_dir=checkpoint_dir,
@@ -70,10 +79,52 @@ def build_pipeline(params: Params):
                 model=train.outputs["model"],
                 evaluation=evaluation.outputs["evaluation"],
             ).set_display_name("publish")
-        for task in (base, pack, cache, train, evaluation, publish):
+        stages = dict(base_model=base, pack=pack, train=train, evaluate=evaluation, publish=publish)
+        if params.pipeline.cache_workers <= 1:
+            stages["cache"] = cache
+        for stage, task in stages.items():
             _name_image(task, params.pipeline.image)
+            place(task, params.pipeline.resources[stage], params.pipeline.retries)
+        if params.pipeline.cache_workers > 1:
+            _name_image(cache, params.pipeline.image)
+            place(cache, None, params.pipeline.retries)
 
     return finetune
+
+
+def place(task, resources, retries) -> None:
+    """Requests and limits, GPUs, node selector, tolerations and /dev/shm for one task
+    (kfp-kubernetes for the Kubernetes-only parts), and its retry policy."""
+    from kfp import kubernetes
+
+    task.set_retry(
+        num_retries=retries.count,
+        backoff_duration=f"{retries.backoff_s}s",
+        backoff_factor=retries.factor,
+    )
+    if resources is None:
+        return
+    if resources.cpu:
+        task.set_cpu_request(resources.cpu).set_cpu_limit(resources.cpu)
+    if resources.memory:
+        task.set_memory_request(resources.memory).set_memory_limit(resources.memory)
+    if resources.gpus:
+        task.set_accelerator_type(resources.accelerator)
+        task.set_accelerator_limit(resources.gpus)
+    for key, value in resources.node_selector.items():
+        kubernetes.add_node_selector(task, label_key=key, label_value=value)
+    for t in resources.tolerations:
+        kubernetes.add_toleration(
+            task, key=t.key, operator=t.operator, value=t.value, effect=t.effect
+        )
+    if resources.shm_size:
+        kubernetes.empty_dir_mount(
+            task,
+            volume_name="shm",
+            mount_path="/dev/shm",
+            medium="Memory",
+            size_limit=resources.shm_size,
+        )
 
 
 def _name_image(task, image: str) -> None:
@@ -84,7 +135,7 @@ def _name_image(task, image: str) -> None:
         task.set_env_variable("T2I_IMAGE_DIGEST", image.split("@", 1)[1])
 
 
-def _cache(ops, workers: int, cache_params, pack, base):
+def _cache(ops, workers: int, cache_params, pack, base, resources=None, retries=None, image=""):
     """One cache task, or `workers` in a ParallelFor (disjoint shards) and a merge."""
     inputs = dict(shards=pack.outputs["shards"], base_model=base.outputs["base_model"])
     if workers <= 1:
@@ -93,6 +144,8 @@ def _cache(ops, workers: int, cache_params, pack, base):
         worker = ops.cache_worker_op(
             cache_params=cache_params, worker_index=index, num_workers=workers, **inputs
         ).set_display_name("cache-worker")
+        place(worker, resources, retries)
+        _name_image(worker, image)
     merge = ops.cache_merge_op(
         num_workers=workers,
         shards=pack.outputs["shards"],

@@ -59,8 +59,12 @@ def test_submit_posts_the_compiled_pipeline_into_the_experiment(kfp_api):
     assert commands.submit(params) == "run-1"
     (run,) = posts(seen, "/apis/v2beta1/runs")
     assert run["experiment_id"] == "exp-1"
-    spec = run["pipeline_spec"]
+    body = run["pipeline_spec"]
+    # With a Kubernetes platform spec the client sends both, side by side.
+    spec = body.get("pipeline_spec", body)
     assert spec["pipelineInfo"]["name"] == params.pipeline.name
+    executors = body["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert "emptyDirMounts" in executors["exec-train-op"]
     assert set(spec["root"]["dag"]["tasks"]) >= {"train-op", "evaluate-op", "condition-1"}
 
 

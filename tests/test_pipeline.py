@@ -24,8 +24,14 @@ def test_committed_yaml_matches_a_fresh_compile(tmp_path):
     )
 
 
+def load(path: Path) -> tuple[dict, dict]:
+    """(pipeline spec, Kubernetes platform spec) of a compiled package."""
+    docs = list(yaml.safe_load_all(Path(path).read_text()))
+    return docs[0], (docs[1] if len(docs) > 1 else {})
+
+
 def test_components_are_thin_and_run_the_project_image():
-    spec = yaml.safe_load(COMPILED.read_text())
+    spec, _ = load(COMPILED)
     params = load_params(REPO / "params.yaml")
     executors = spec["deploymentSpec"]["executors"]
     assert len(executors) == 6
@@ -47,7 +53,7 @@ def test_components_are_thin_and_run_the_project_image():
 
 
 def test_publish_runs_under_the_gate_and_evaluate_shows_html_and_metrics():
-    spec = yaml.safe_load(COMPILED.read_text())
+    spec, _ = load(COMPILED)
     gate = spec["root"]["dag"]["tasks"]["condition-1"]
     assert gate["taskInfo"]["name"] == "gate-passed"
     channel = gate["inputs"]["parameters"]["pipelinechannel--evaluate-op-Output"]
@@ -64,7 +70,7 @@ def test_publish_runs_under_the_gate_and_evaluate_shows_html_and_metrics():
 
 def test_cache_workers_compile_to_a_parallel_for_and_a_merge(tmp_path):
     params = load_params(REPO / "params.yaml", ["pipeline.cache_workers=4"])
-    spec = yaml.safe_load(compile_pipeline(params, tmp_path / "p.yaml").read_text())
+    spec, platform = load(compile_pipeline(params, tmp_path / "p.yaml"))
     tasks = spec["root"]["dag"]["tasks"]
     assert "cache-merge-op" in tasks and "cache-op" not in tasks
     loop = next(t for name, t in tasks.items() if name.startswith("for-loop"))
@@ -72,6 +78,57 @@ def test_cache_workers_compile_to_a_parallel_for_and_a_merge(tmp_path):
     assert tasks["train-op"]["dependentTasks"] == ["base-model-op", "cache-merge-op"]
     defaults = spec["root"]["inputDefinitions"]["parameters"]
     assert json.loads(defaults["train_params"]["defaultValue"]) == params.train.model_dump()
+    worker = spec["deploymentSpec"]["executors"]["exec-cache-worker-op"]["container"]
+    assert worker["resources"]["accelerator"]["resourceCount"] == "1"  # each worker: a GPU
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert "exec-cache-worker-op" in executors
+
+
+def test_stage_resources_gpus_node_selectors_tolerations_shm_and_retries(tmp_path):
+    params = load_params(
+        REPO / "params.yaml",
+        [
+            "pipeline.resources.train.gpus=4",
+            "pipeline.resources.train.accelerator=nvidia.com/gpu",
+            "pipeline.resources.train.node_selector="
+            "{cloud.google.com/gke-accelerator: nvidia-h100-80gb}",
+            "pipeline.resources.train.tolerations="
+            "[{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]",
+            "pipeline.retries.count=3",
+        ],
+    )
+    spec, platform = load(compile_pipeline(params, tmp_path / "p.yaml"))
+    executors = spec["deploymentSpec"]["executors"]
+    train = executors["exec-train-op"]["container"]["resources"]
+    assert train["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    assert train["accelerator"]["resourceCount"] == "4"
+    assert train["resourceCpuLimit"] == "8" and train["resourceMemoryLimit"] == "32Gi"  # kept
+    for stage in ("cache", "evaluate"):  # GPU stages by default
+        assert executors[f"exec-{stage}-op"]["container"]["resources"]["accelerator"]
+    for stage in ("base-model", "pack", "publish"):  # CPU stages
+        assert "accelerator" not in executors[f"exec-{stage}-op"]["container"]["resources"]
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert k8s["exec-train-op"]["nodeSelector"]["labels"] == {
+        "cloud.google.com/gke-accelerator": "nvidia-h100-80gb"
+    }
+    assert k8s["exec-train-op"]["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    ]
+    for stage in ("cache", "train", "evaluate"):
+        (shm,) = k8s[f"exec-{stage}-op"]["emptyDirMounts"]
+        assert shm["mountPath"] == "/dev/shm" and shm["medium"] == "Memory"
+    for name, task in spec["root"]["dag"]["tasks"].items():
+        if name.endswith("-op"):
+            assert task["retryPolicy"]["maxRetryCount"] == 3, name
+    gated = spec["components"]["comp-condition-1"]["dag"]["tasks"]["publish-op"]
+    assert gated["retryPolicy"]["maxRetryCount"] == 3
+
+
+def test_bad_resources_name_the_key():
+    with pytest.raises(ConfigError, match="unknown stage 'trian'"):
+        load_params(None, ["pipeline.resources.trian.gpus=1"])
+    with pytest.raises(ConfigError, match="pipeline.resources.train.memory"):
+        load_params(None, ["pipeline.resources.train.memory=lots"])
 
 
 def test_compile_with_overrides_leaves_the_committed_yaml_alone(tmp_path, monkeypatch, capsys):

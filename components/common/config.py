@@ -283,6 +283,52 @@ class PublishConfig(Section):
         return self
 
 
+class Toleration(Section):
+    key: str
+    operator: Literal["Equal", "Exists"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+
+
+_QUANTITY = r"^[0-9]+(\.[0-9]+)?([mkMGTPE]i?|[KMGTPE]i)?$"  # a Kubernetes quantity
+
+
+class Resources(Section):
+    """What one stage's pod asks of the cluster (requests = limits)."""
+
+    cpu: str | None = Field(None, pattern=_QUANTITY)  # e.g. "4", "500m"
+    memory: str | None = Field(None, pattern=_QUANTITY)  # e.g. "16Gi"
+    gpus: int = Field(0, ge=0, le=64)
+    accelerator: str = "nvidia.com/gpu"  # the resource name GPUs are counted in
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    # An in-memory /dev/shm for data-loading workers (null: the runtime's default).
+    shm_size: str | None = Field(None, pattern=_QUANTITY)
+
+
+STAGES = ("base_model", "pack", "cache", "train", "evaluate", "publish")
+
+
+def _default_resources() -> dict[str, Resources]:
+    gpu = Resources(cpu="8", memory="32Gi", gpus=1, shm_size="8Gi")
+    return {
+        "base_model": Resources(cpu="2", memory="16Gi"),
+        "pack": Resources(cpu="8", memory="16Gi"),
+        "cache": gpu,
+        "train": gpu,
+        "evaluate": gpu,
+        "publish": Resources(cpu="2", memory="16Gi"),
+    }
+
+
+class RetryPolicy(Section):
+    """KFP retries of a failed task: `count` times, waiting backoff_s, x factor each."""
+
+    count: int = Field(2, ge=0, le=10)
+    backoff_s: int = Field(60, ge=0)
+    factor: float = Field(2.0, ge=1.0)
+
+
 class PipelineConfig(Section):
     name: str = "t2i-finetune"
     # The project image every KFP component runs; pin a tag or digest, never :latest.
@@ -292,6 +338,25 @@ class PipelineConfig(Section):
     schedule_cron: str = "0 0 3 * * 1"
     # >1: the cache stage runs as this many parallel tasks (disjoint shards) + a merge.
     cache_workers: int = Field(1, ge=1, le=256)
+    # Per stage (base_model, pack, cache, train, evaluate, publish); a stage left out
+    # keeps its default. Applied with kfp-kubernetes when the DAG is compiled.
+    resources: dict[str, Resources] = Field(default_factory=_default_resources)
+    retries: RetryPolicy = RetryPolicy()
+
+    @field_validator("resources", mode="before")
+    @classmethod
+    def _stages(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            unknown = sorted(set(v) - set(STAGES))
+            if unknown:
+                raise ValueError(f"unknown stage {unknown[0]!r}; stages are {', '.join(STAGES)}")
+            merged: dict[str, Any] = dict(_default_resources())
+            for stage, given in v.items():  # field by field over the stage's defaults
+                if isinstance(given, dict):
+                    given = {**merged[stage].model_dump(), **given}
+                merged[stage] = given
+            return merged
+        return v
 
     @field_validator("image")
     @classmethod
