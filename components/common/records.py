@@ -275,7 +275,7 @@ class EvaluationRecord(Versioned):
 
     unet_sha256: str  # of the model that was evaluated
     metrics: dict[str, float]
-    comparisons: list[Comparison] = Field(default_factory=list)
+    comparisons: list[Comparison]
     checks: list[GateCheck]
     passed: bool
     samples: list[EvalSample]

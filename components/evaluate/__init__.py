@@ -112,11 +112,12 @@ def run(
     with atomic_path(out / "grid.png", ".png") as tmp:
         grid.save(tmp, "PNG")
     by_prompt = _clip_by_prompt(cfg, jobs, clip)
+    train = read_train_record(model)
     page = render_report(
         title="Evaluation: base vs fine-tuned",
         details=[
             ("model", str(model)),
-            ("steps", str(read_train_record(model).steps)),
+            ("steps", str(train.steps)),
             ("held-out latents", str(len(val))),
             ("held-out images", str(len(held_jobs))),
             (
@@ -133,7 +134,7 @@ def run(
         folder=out,
         val_loss=per_t,
         clip_by_prompt=by_prompt,
-        loss_curve=read_train_record(model).loss_curve,
+        loss_curve=train.loss_curve,
     )
     write_bytes_atomic(out / "report.html", page.encode())
     for folder in {out, Path(metrics_dir or out)}:

@@ -68,7 +68,7 @@ def card_metadata(model_name: str, license_: str | None, train, evaluation):
             metric_name=f"{c.label} ({label})",
             metric_value=round(value, 6),
         )
-        for c in _comparisons(evaluation)
+        for c in evaluation.comparisons
         for label, value in (("fine-tuned", c.tuned), ("base model", c.base))
     ]
     extra: dict[str, Any] = {}
@@ -184,31 +184,10 @@ def _data_lines(train: TrainRecord) -> list[str]:
     ]
 
 
-def _comparisons(evaluation: EvaluationRecord) -> list:
-    """The evaluation's metric pairs (records from before `comparisons`: the losses)."""
-    if evaluation.comparisons:
-        return evaluation.comparisons
-    from components.common.records import Comparison
-
-    m = evaluation.metrics
-    if "base_val_loss" in m and "tuned_val_loss" in m:
-        return [
-            Comparison(
-                key="val_loss",
-                label="held-out loss",
-                base=m["base_val_loss"],
-                tuned=m["tuned_val_loss"],
-                better="lower",
-            )
-        ]
-    return []
-
-
 def _evaluation_lines(evaluation: EvaluationRecord) -> list[str]:
     lines = ["| metric | base | fine-tuned | better |", "|---|---|---|---|"]
     lines += [
-        f"| {c.label} | {c.base:.4g} | {c.tuned:.4g} | {c.better} |"
-        for c in _comparisons(evaluation)
+        f"| {c.label} | {c.base:.4g} | {c.tuned:.4g} | {c.better} |" for c in evaluation.comparisons
     ]
     verdict = "passed" if evaluation.passed else "failed"
     lines += ["", f"Gate ({verdict}):", ""]

@@ -89,13 +89,14 @@ def find_resume(
         return None, None
     if resume != "latest":
         path = require_committed(resume)
-        step = read_state(path)["step"]
+        state = read_state(path)
+        step = state["step"]
         if step > max_steps:
             raise ConfigError(
                 f"train.resume_from_checkpoint {str(path)!r}: it is at step {step}, past "
                 f"train.max_train_steps={max_steps}; raise max_train_steps or train from scratch"
             )
-        return path, _extending(path, max_steps)
+        return path, _extending(path, state, max_steps)
     skipped = None
     for path in reversed(committed(root)):
         state = read_state(path)
@@ -105,7 +106,7 @@ def find_resume(
         if state["step"] > max_steps or planned > max_steps:
             skipped = skipped or (path, planned)
             continue
-        return path, _extending(path, max_steps)
+        return path, _extending(path, state, max_steps)
     if skipped:
         path, planned = skipped
         return None, (
@@ -116,8 +117,7 @@ def find_resume(
     return None, None
 
 
-def _extending(path: Path, max_steps: int) -> str | None:
-    state = read_state(path)
+def _extending(path: Path, state: dict, max_steps: int) -> str | None:
     planned = state.get("max_steps")
     if planned is None or planned == max_steps:
         return None
