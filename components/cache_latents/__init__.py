@@ -23,12 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from components.cache_latents.encode import LatentEncoder
 from components.common.config import CacheConfig
 from components.common.errors import T2IError
 from components.common.io import check_sha, sha256_file, sha256_json, write_json_atomic
+from components.common.progress import progress
 from components.common.records import (
     LATENT_MANIFEST,
     LatentManifest,
@@ -110,7 +110,7 @@ def encode_part(
     total = sum(j["samples"] for j in todo)
     failed: list[str] = []
     started = time.perf_counter()
-    with tqdm(total=total, desc=f"cache {index + 1}/{count}", unit="img", disable=not todo) as bar:
+    with progress(total, f"cache {index + 1}/{count}", "img", disable=not todo) as bar:
         for job in todo:
             failed += _encode_job(job, encoder, shards, out, bar)
     rate = total / max(time.perf_counter() - started, 1e-9)

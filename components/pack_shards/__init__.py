@@ -28,6 +28,7 @@ from pathlib import Path
 from components.common.config import DataConfig, PackConfig
 from components.common.errors import T2IError
 from components.common.io import write_bytes_atomic
+from components.common.progress import progress
 from components.common.records import PACK_MANIFEST, PackManifest
 from components.common.shards import write_shard
 from components.pack_shards.decode import Packed, pack_sample
@@ -130,11 +131,9 @@ def process(todo: list[Sample], cfg: PackConfig, out: Path) -> Iterator[tuple[st
     Workers append the encoded bytes to a spool file of their own in `out` and send
     back offsets: piping every ~100 KB record through the pool cost the light case
     (no resize) 10-20% of its throughput on 2 cores."""
-    from tqdm import tqdm
-
     workers = cfg.num_workers or available_cores()
     workers = min(workers, max(1, len(todo) // 8))
-    bar = tqdm(total=len(todo), desc="pack", unit="img", disable=not todo)
+    bar = progress(len(todo), "pack", "img", disable=not todo)
     if workers <= 1:
         results = (fingerprint_and_pack(s, cfg) for s in todo)
         pool = None

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from components.common.config import TrainConfig
 from components.common.io import atomic_dir, sha256_json
 from components.common.models import weights_sha256
+from components.common.progress import progress
 from components.common.records import (
     BASE_MODEL_RECORD,
     TRAIN_RECORD,
@@ -288,9 +288,7 @@ def train_steps(r: Run, step: int, max_steps: int, log: LossLog) -> LossLog:
         cfg.dream_detail_preservation,
     )
     rows = r.stream.rows
-    bar = tqdm(
-        total=max_steps, initial=step, desc="train", unit="step", disable=not acc.is_main_process
-    )
+    bar = progress(max_steps, "train", "step", disable=not acc.is_main_process, initial=step)
     started, images, micro_losses = time.perf_counter(), 0, []
     epoch = r.stream.position(step * cfg.gradient_accumulation_steps)[0]
     epoch_ends = r.stream.micro_steps_for_epochs(epoch + 1)
