@@ -8,7 +8,7 @@ WORKDIR /opt/t2i-pipeline
 COPY pyproject.toml constraints.txt README.md ./
 COPY components ./components
 COPY pipelines ./pipelines
-RUN pip install -c constraints.txt ".[gpu]" "xformers==0.0.31" \
+RUN pip install -c constraints.txt ".[gpu,s3,gcs]" "xformers==0.0.31" \
     && python -c "import torch, components.cli; print('torch', torch.__version__)"
 
 ENTRYPOINT ["t2i"]

@@ -117,3 +117,33 @@ def evaluation(trained, tiny_model, latents, shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval") / "eval"
     report = evaluate.run(EVAL, trained[0] / "model", tiny_model, latents, out, shards=shards)
     return out, report
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """A local S3-compatible server (moto's server mode, 127.0.0.1 only) and a boto3
+    client for it; the environment points s3fs (and kfp.local's subprocesses) at it."""
+    boto3 = pytest.importorskip("boto3")
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    try:
+        yield boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
+    finally:
+        server.stop()
+
+
+def upload_folder(client, bucket: str, folder: Path, prefix: str) -> None:
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_file():
+            client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder).as_posix()}")
