@@ -137,6 +137,12 @@ def s3(monkeypatch):
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
+    import urllib.request
+
+    # moto keeps its buckets in this process, shared by every server: start empty.
+    urllib.request.urlopen(
+        urllib.request.Request(f"{env['AWS_ENDPOINT_URL']}/moto-api/reset", method="POST")
+    ).close()
     try:
         yield boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
     finally:

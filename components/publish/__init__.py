@@ -20,6 +20,7 @@ import os
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from components.common.config import PublishConfig
 from components.common.errors import ConfigError, T2IError
@@ -39,7 +40,7 @@ from components.common.records import (
 from components.publish.card import render_card
 from components.publish.hub import hub_token, publish_hub
 from components.publish.lineage import build_lineage
-from components.publish.registry import publish_local
+from components.publish.registry import is_uri, publish_local, publish_remote
 
 # What a complete diffusers SD folder from `t2i train` holds (globs, each must match).
 _REQUIRED = [
@@ -62,8 +63,15 @@ class GateFailed(T2IError):
     """The evaluation gate failed: the receipt says which check; nothing was published."""
 
 
-def run(cfg: PublishConfig, model: Path, eval_dir: Path, out: Path) -> PublishReceipt:
+def run(
+    cfg: PublishConfig,
+    model: Path,
+    eval_dir: Path,
+    out: Path,
+    run_key: dict[str, Any] | None = None,
+) -> PublishReceipt:
     """Publish `model` (evaluated in `eval_dir`) to `cfg.target`; write `out`/receipt.json.
+    `run_key` (a pipeline run's data fingerprint and config hash) goes into the lineage.
 
     Raises ConfigError when the target cannot work here (no token, offline, no
     license), T2IError for an incomplete model folder, an evaluation of another model
@@ -80,7 +88,7 @@ def run(cfg: PublishConfig, model: Path, eval_dir: Path, out: Path) -> PublishRe
             f"{eval_dir / EVALUATION_RECORD}: evaluates another model than {model}; "
             "re-run `t2i evaluate` on it"
         )
-    lineage = build_lineage(cfg.name, train, evaluation)
+    lineage = build_lineage(cfg.name, train, evaluation, run_key)
     receipt = PublishReceipt(
         name=cfg.name,
         target=cfg.target,
@@ -171,6 +179,9 @@ def _publish_to_registry(cfg, files: dict[str, Path], docs: _Documents, receipt:
         done = receipt.model_copy(update={"published": True, "published_at": _now()})
         write_record(done, folder / RECEIPT)
 
+    if is_uri(cfg.registry):
+        root = f"{cfg.registry.rstrip('/')}/{cfg.name}"
+        return publish_remote(root, receipt.unet_sha256, fill)
     return publish_local(Path(cfg.registry) / cfg.name, receipt.unet_sha256, fill)
 
 

@@ -90,7 +90,7 @@ def _commit_once(api, cfg, files, unet_sha256, documents) -> HubPublication:
     head = next((b.target_commit for b in refs.branches if b.name == "main"), None)
     tags = {t.name: t.target_commit for t in refs.tags}
     url = f"{api.endpoint}/{repo}"
-    current = _current_lineage(api, repo, head) if head else None
+    current = read_lineage(api, repo, head) if head else None
     if current and current.get("unet_sha256") == unet_sha256:
         # The version it was published as (a lost response may have left it untagged).
         version = int((current.get("published_as") or {}).get("version") or 0)
@@ -132,7 +132,7 @@ def _validate_card(repo: str, card: str) -> None:
         raise T2IError(f"{repo}: the Hub rejects the model card's metadata: {e}") from None
 
 
-def _current_lineage(api, repo: str, revision: str) -> dict[str, Any] | None:
+def read_lineage(api, repo: str, revision: str) -> dict[str, Any] | None:
     """The repo's `lineage.json` at `revision`, or None (not a t2i-pipeline repo yet)."""
     from huggingface_hub.errors import EntryNotFoundError
 

@@ -19,10 +19,17 @@ from components.common.records import (
 )
 
 
-def build_lineage(name: str, train: TrainRecord, evaluation: EvaluationRecord) -> dict[str, Any]:
-    """The lineage document (JSON-ready) of the model `train` describes."""
+def build_lineage(
+    name: str,
+    train: TrainRecord,
+    evaluation: EvaluationRecord,
+    run_key: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The lineage document (JSON-ready) of the model `train` describes. `run_key`: the
+    pipeline run's data fingerprint and config hash (what a scheduled run compares)."""
     pack = train.pack
     return {
+        "run_key": run_key,
         "schema_version": SCHEMA_VERSION,
         "name": name,
         "unet_sha256": train.unet_sha256,

@@ -1,10 +1,17 @@
-"""The local (shared) registry: `<registry>/<name>/<version>/`, one folder per version.
+"""The registry: `<registry>/<name>/<version>/`, one folder per version, on a (shared)
+file system or, when `publish.registry` is a URI (`s3://bucket/registry`), in an
+object store through fsspec.
 
-A version folder is assembled under a temporary name and renamed into place; the
+On a file system, a version folder is assembled under a temporary name and renamed into place; the
 rename is the commit. Two publishes at once never fail each other: a rename that
 finds its number taken looks again (the other publish may hold the same UNet, whose
 version is then reused) and takes the next number. Folders and files get the
 permissions the umask allows (the team reads a shared registry), not mkdtemp's 0700.
+
+In an object store there is no rename: the version's files are uploaded first and its
+`receipt.json` last, so a version without a receipt is incomplete, never read, and
+overwritten by the next publish. Concurrent publishes to one object-store registry are
+not arbitrated (a scheduled pipeline runs one at a time: max concurrency 1).
 """
 
 from __future__ import annotations
@@ -15,9 +22,9 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from components.common.errors import T2IError
+from components.common.errors import ConfigError, T2IError
 from components.common.io import make_shareable
-from components.common.records import RECEIPT, LocalPublication
+from components.common.records import LINEAGE, RECEIPT, LocalPublication
 
 _MAX_RACES = 100  # numbers taken by concurrent publishes before giving up
 
@@ -50,6 +57,75 @@ def publish_local(
             shutil.rmtree(tmp, ignore_errors=True)
         return LocalPublication(version=version, path=str(root / str(version)), new=True)
     raise T2IError(f"{root}: could not claim a version number after {_MAX_RACES} tries")
+
+
+def is_uri(registry: str) -> bool:
+    return "://" in registry
+
+
+def publish_remote(
+    root_uri: str, unet_sha256: str, fill: Callable[[Path, int], None]
+) -> LocalPublication:
+    """`publish_local` for an object-store registry (`root_uri` = `<registry>/<name>`)."""
+    fs, root = _open(root_uri)
+    versions = _complete_versions(fs, root)
+    for v in reversed(versions):
+        receipt = _read_json(fs, f"{root}/{v}/{RECEIPT}")
+        if receipt and receipt.get("unet_sha256") == unet_sha256:
+            return LocalPublication(version=v, path=f"{root_uri}/{v}", new=False)
+    version = (versions[-1] + 1) if versions else 1
+    with tempfile.TemporaryDirectory() as tmp:
+        fill(Path(tmp), version)
+        files = sorted(p for p in Path(tmp).rglob("*") if p.is_file())
+        try:
+            for path in sorted(files, key=lambda p: p.name == RECEIPT):  # the receipt last
+                fs.put_file(str(path), f"{root}/{version}/{path.relative_to(tmp).as_posix()}")
+        except Exception as e:
+            raise T2IError(f"{root_uri}: upload of version {version} failed: {e}") from e
+    return LocalPublication(version=version, path=f"{root_uri}/{version}", new=True)
+
+
+def latest_version(root_uri: str) -> tuple[int, dict] | None:
+    """(version, lineage) of the newest complete version under `<registry>/<name>`
+    (a folder or a URI), or None when nothing was published there yet."""
+    fs, root = _open(root_uri)
+    for v in reversed(_complete_versions(fs, root)):
+        lineage = _read_json(fs, f"{root}/{v}/{LINEAGE}")
+        if lineage is not None:
+            return v, lineage
+    return None
+
+
+def _open(root_uri: str):
+    import fsspec
+
+    try:
+        fs, root = fsspec.core.url_to_fs(root_uri, skip_instance_cache=True)
+    except ImportError as e:
+        raise ConfigError(f"publish.registry {root_uri}: needs an fsspec backend: {e}") from e
+    return fs, root.rstrip("/")
+
+
+def _complete_versions(fs, root: str) -> list[int]:
+    try:
+        entries = fs.ls(root, detail=False)
+    except FileNotFoundError:
+        return []
+    except Exception as e:
+        raise T2IError(f"registry {root}: cannot list it: {e}") from e
+    numbers = sorted(
+        int(n) for n in (e.rstrip("/").rsplit("/", 1)[-1] for e in entries) if n.isdigit()
+    )
+    return [v for v in numbers if fs.exists(f"{root}/{v}/{RECEIPT}")]
+
+
+def _read_json(fs, path: str) -> dict | None:
+    try:
+        with fs.open(path, "rb") as f:
+            data = json.loads(f.read())
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None
 
 
 def _versions(root: Path) -> list[int]:
