@@ -25,9 +25,15 @@ def _base_model(p, a):
 
 def _pack(p, a):
     from components import pack_shards
+    from components.common import remote
 
-    source = a.source or Path(p.data.source)
-    return pack_shards.run(p.data, p.pack, source, a.out).summary() + f" -> {a.out}"
+    source = str(a.source or p.data.source)
+    if remote.is_remote(source):  # fetched (only what changed) into artifacts/sources/
+        local = remote.fetch(source, Path("artifacts/sources") / remote.staging_key(source))
+        report = pack_shards.run(p.data, p.pack, local, a.out, source_name=source)
+    else:
+        report = pack_shards.run(p.data, p.pack, Path(source), a.out)
+    return report.summary() + f" -> {a.out}"
 
 
 def _cache(p, a):
@@ -121,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument(
                 f"--{flag.replace('_', '-')}",
                 dest=flag,
-                type=Path,
+                type=str if flag == "source" else Path,  # a source may be a URI
                 default=Path(default) if default else None,
             )
         sp.set_defaults(func=func)

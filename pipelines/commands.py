@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
 from components.common.config import Params
 from components.common.errors import ConfigError, T2IError
-from components.common.io import atomic_path, sha256_file, sha256_tree
+from components.common.io import atomic_path
+from components.publish.registry import is_uri
 from pipelines.finetune import build_pipeline
 
 
@@ -25,6 +28,7 @@ def compile_pipeline(params: Params, output: Path) -> Path:
 
 COMMITTED = Path("pipelines/compiled/finetune.yaml")
 LOCAL = Path("artifacts/pipeline/finetune.yaml")
+_RUNS = itertools.count(1)
 
 
 def compile_target(args) -> Path:
@@ -37,51 +41,66 @@ def compile_target(args) -> Path:
     return COMMITTED if default_params and not args.overrides else LOCAL
 
 
-def source_fingerprint(source: Path) -> str:
-    """Content hash of a local source folder or file (empty for a remote URI)."""
-    if source.is_dir():
-        return sha256_tree(source)
-    return sha256_file(source) if source.is_file() else ""
-
-
 def run_local(params: Params, root: Path) -> dict:
-    """Run the whole DAG here with kfp.local's SubprocessRunner; return its outputs."""
+    """Run the whole DAG here with kfp.local's SubprocessRunner; return its outputs.
+
+    `root/workspace` plays the PVC: it persists between runs under the same root, so a
+    second run with unchanged data and config trains nothing, as on a cluster."""
     from kfp import local
 
-    source = Path(params.data.source).resolve()
-    if not params.data.dataset_name and not source.exists():
-        raise ConfigError(
-            f"data.source {params.data.source!r}: no such folder or file "
-            "(a folder, or a .tar / .parquet file; or set data.dataset_name)"
-        )
+    from components.common.remote import is_remote
+
+    source = params.data.source
+    if not params.data.dataset_name and not is_remote(source):
+        source = str(Path(source).resolve())
+        if not Path(source).exists():
+            raise ConfigError(
+                f"data.source {params.data.source!r}: no such folder or file "
+                "(a folder, a .tar / .parquet file, a URI; or set data.dataset_name)"
+            )
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
+    # Retries are for pods a cluster loses; here a failure is a bug or bad input: at once.
+    no_retries = params.pipeline.retries.model_copy(update={"count": 0})
+    params = params.model_copy(
+        update={"pipeline": params.pipeline.model_copy(update={"retries": no_retries})}
+    )
     local.init(
         runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True
     )
-    publish = params.publish.model_copy(
-        update={"registry": str(Path(params.publish.registry).resolve())}
-    )
+    publish = params.publish
+    if not is_uri(publish.registry):
+        publish = publish.model_copy(update={"registry": str(Path(publish.registry).resolve())})
     warnings.filterwarnings("ignore", message=".*non-Python base image.*")  # it is our image
     warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
+    run_id = f"local-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{next(_RUNS)}"
     # A local run is an experiment: publish skips it unless publish.from_experiments.
+    # The run id names the run's notes in the workspace (a pod reads its label).
     # (kfp.local's subprocesses inherit this environment.)
-    previous = os.environ.get("T2I_EXPERIMENT")
-    os.environ["T2I_EXPERIMENT"] = f"run-local {root.name}"
+    env = {"T2I_EXPERIMENT": f"run-local {root.name}", "T2I_RUN_ID": run_id}
+    previous = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
         task = build_pipeline(params)(
-            source=str(source),
-            source_fingerprint=source_fingerprint(source),
+            source=source,
+            workspace=str(root / "workspace"),
             publish_params=json.dumps(publish.model_dump()),
         )
     except RuntimeError as e:
         raise T2IError(f"local pipeline run failed: {e}") from None
     finally:
-        if previous is None:
-            os.environ.pop("T2I_EXPERIMENT", None)
-        else:
-            os.environ["T2I_EXPERIMENT"] = previous
-    return {"root": str(root), "outputs": sorted(getattr(task, "outputs", {}) or {})}
+        for k, v in previous.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    summary = root / "workspace" / "runs" / run_id / "summary.json"
+    return {
+        "root": str(root),
+        "run_id": run_id,
+        "summary": json.loads(summary.read_text()) if summary.is_file() else None,
+        "outputs": sorted(getattr(task, "outputs", {}) or {}),
+    }
 
 
 def submit(params: Params, run_name: str | None = None) -> str:
@@ -130,7 +149,8 @@ def dispatch(params: Params, args) -> str:
         return f"compiled pipeline -> {compile_pipeline(params, target)}{note}"
     if args.action == "run-local":
         result = run_local(params, args.root)
-        return f"local pipeline run finished; artifacts under {result['root']}"
+        said = (result["summary"] or {}).get("text", "finished")
+        return f"local pipeline {said}; artifacts under {result['root']}"
     if args.action == "submit":
         return f"submitted run {submit(params)} to {params.pipeline.host}"
     return f"scheduled recurring run {schedule(params)} ({params.pipeline.schedule_cron})"

@@ -1,10 +1,11 @@
-"""Thin KFP components: each body imports the project and calls one stage's `run()`.
+"""Thin KFP components: a signature (what KFP passes) and one call to
+`pipelines.stages.run_stage`, which runs the stage from its JSON params and artifact
+paths (the same `run()` as the CLI).
 
 No logic lives here and nothing is installed at run time: every component runs the
 project image (`install_kfp_package=False`, no `packages_to_install`). Stage configs
-arrive as JSON-string parameters (KFP dict parameters cannot hold nulls) and are
-validated by the same schema as params.yaml.
-The image is a compile-time setting, so the components are made by `make_ops(image)`.
+arrive as JSON-string parameters (KFP dict parameters cannot hold nulls). The image is
+a compile-time setting, so the components are made by `make_ops(image)`.
 """
 
 from types import SimpleNamespace
@@ -14,60 +15,61 @@ from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
 
+def fingerprint_op(
+    source: str,
+    workspace: str,
+    retrain: str,
+    data_params: str,
+    model_params: str,
+    pack_params: str,
+    cache_params: str,
+    train_params: str,
+    evaluate_params: str,
+    publish_params: str,
+    key: dsl.OutputPath(str),
+    reason: dsl.OutputPath(str),
+) -> bool:
+    # Returns `changed`; the key and the reason are output parameters. (kfp.local does not
+    # resolve a NamedTuple output in a dsl.If condition.)
+    from pipelines.stages import run_stage
+
+    return run_stage("fingerprint", locals())
+
+
 def base_model_op(model_params: str, base_model: Output[Model]):
-    import json
-    from pathlib import Path
+    from pipelines.stages import run_stage
 
-    from components import base_model as stage
-    from components.common.config import ModelConfig, validate_section
-
-    stage.run(
-        validate_section(ModelConfig, json.loads(model_params), "model"), Path(base_model.path)
-    )
+    run_stage("base_model", locals())
 
 
 def pack_op(
     source: str,
-    source_fingerprint: str,
+    run_key: str,
+    workspace: str,
     data_params: str,
     pack_params: str,
     shards: Output[Dataset],
 ):
-    import json
-    from pathlib import Path
+    from pipelines.stages import run_stage
 
-    from components import pack_shards as stage
-    from components.common.config import DataConfig, PackConfig, validate_section
-
-    report = stage.run(
-        validate_section(DataConfig, json.loads(data_params), "data"),
-        validate_section(PackConfig, json.loads(pack_params), "pack"),
-        Path(source),
-        Path(shards.path),
-    )
-    shards.metadata.update(source_fingerprint=source_fingerprint, samples=report.kept)
-    print(report.summary())
+    run_stage("pack", locals())
 
 
 def cache_op(
-    cache_params: str, shards: Input[Dataset], base_model: Input[Model], latents: Output[Dataset]
+    run_key: str,
+    workspace: str,
+    cache_params: str,
+    shards: Input[Dataset],
+    base_model: Input[Model],
+    latents: Output[Dataset],
 ):
-    import json
-    from pathlib import Path
+    from pipelines.stages import run_stage
 
-    from components import cache_latents as stage
-    from components.common.config import CacheConfig, validate_section
-
-    report = stage.run(
-        validate_section(CacheConfig, json.loads(cache_params), "cache"),
-        Path(shards.path),
-        Path(base_model.path),
-        Path(latents.path),
-    )
-    print(report.summary())
+    run_stage("cache", locals())
 
 
 def cache_worker_op(
+    run_key: str,
     cache_params: str,
     worker_index: int,
     num_workers: int,
@@ -75,72 +77,42 @@ def cache_worker_op(
     base_model: Input[Model],
     part: Output[Dataset],
 ):
-    import json
-    from pathlib import Path
+    from pipelines.stages import run_stage
 
-    from components import cache_latents as stage
-    from components.common.config import CacheConfig, validate_section
-
-    report = stage.run(
-        validate_section(CacheConfig, json.loads(cache_params), "cache"),
-        Path(shards.path),
-        Path(base_model.path),
-        Path(part.path),
-        worker_index=worker_index,
-        num_workers=num_workers,
-    )
-    print(report.summary())
+    run_stage("cache_worker", locals())
 
 
 def cache_merge_op(
+    run_key: str,
+    workspace: str,
     num_workers: int,
     shards: Input[Dataset],
     parts: Input[List[Dataset]],  # noqa: UP006
     latents: Output[Dataset],
 ):
-    import shutil
-    from pathlib import Path
+    from pipelines.stages import run_stage
 
-    from components import cache_latents as stage
-
-    out = Path(latents.path)
-    out.mkdir(parents=True, exist_ok=True)
-    for part in parts:
-        for path in Path(part.path).iterdir():
-            shutil.copy2(path, out / path.name)
-    manifest = stage.merge(Path(shards.path), out, count=num_workers)
-    print(f"merged {len(manifest.shards)} latent shards from {num_workers} workers")
+    run_stage("cache_merge", locals())
 
 
 def train_op(
+    run_key: str,
+    workspace: str,
     train_params: str,
-    checkpoint_dir: str,
     latents: Input[Dataset],
     base_model: Input[Model],
     model: Output[Model],
     reports: Output[Artifact],
     train_metrics: Output[Metrics],
 ):
-    import json
-    from pathlib import Path
+    from pipelines.stages import run_stage
 
-    from components import train_unet as stage
-    from components.common.config import TrainConfig, validate_section
-
-    report = stage.run(
-        validate_section(TrainConfig, json.loads(train_params), "train"),
-        Path(latents.path),
-        Path(base_model.path),
-        Path(model.path),
-        Path(reports.path),
-        Path(checkpoint_dir or Path(reports.path) / "checkpoints"),
-    )
-    for key in ("initial_loss", "final_loss", "images_per_second", "steps"):
-        train_metrics.log_metric(key, getattr(report, key))
-    print(report.summary())
+    run_stage("train", locals())
 
 
 def evaluate_op(
+    run_key: str,
+    workspace: str,
     evaluate_params: str,
     model: Input[Model],
     base_model: Input[Model],
@@ -150,55 +122,34 @@ def evaluate_op(
     eval_metrics: Output[Metrics],
     report: Output[HTML],
 ) -> bool:
-    import json
-    import shutil
-    from pathlib import Path
+    from pipelines.stages import run_stage
 
-    from components import evaluate as stage
-    from components.common.config import EvaluateConfig, validate_section
-
-    result = stage.run(
-        validate_section(EvaluateConfig, json.loads(evaluate_params), "evaluate"),
-        Path(model.path),
-        Path(base_model.path),
-        Path(latents.path),
-        Path(evaluation.path),
-        shards=Path(shards.path),
-    )
-    metrics = json.loads((Path(evaluation.path) / "metrics.json").read_text())
-    for key, value in metrics.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            eval_metrics.log_metric(key, float(value))
-    # The self-contained report, shown by the KFP UI's HTML visualisation.
-    shutil.copyfile(Path(evaluation.path) / "report.html", report.path)
-    print(result.summary())
-    return result.gate_passed
+    return run_stage("evaluate", locals())
 
 
 def publish_op(
+    run_key: str,
+    workspace: str,
     publish_params: str,
     model: Input[Model],
     evaluation: Input[Artifact],
     receipt: Output[Artifact],
 ):
-    import json
-    from pathlib import Path
+    from pipelines.stages import run_stage
 
-    from components import publish as stage
-    from components.common.config import PublishConfig, validate_section
+    run_stage("publish", locals())
 
-    result = stage.run(
-        validate_section(PublishConfig, json.loads(publish_params), "publish"),
-        Path(model.path),
-        Path(evaluation.path),
-        Path(receipt.path),
-    )
-    print(result.summary())
+
+def summary_op(workspace: str, status: dsl.PipelineTaskFinalStatus, summary: Output[Artifact]):
+    from pipelines.stages import run_stage
+
+    run_stage("summary", locals())
 
 
 def make_ops(image: str) -> SimpleNamespace:
     """The components above, bound to the project image `image`."""
     funcs = (
+        fingerprint_op,
         base_model_op,
         pack_op,
         cache_op,
@@ -207,6 +158,7 @@ def make_ops(image: str) -> SimpleNamespace:
         train_op,
         evaluate_op,
         publish_op,
+        summary_op,
     )
     return SimpleNamespace(
         **{f.__name__: dsl.component(f, base_image=image, install_kfp_package=False) for f in funcs}

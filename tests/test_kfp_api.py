@@ -65,7 +65,12 @@ def test_submit_posts_the_compiled_pipeline_into_the_experiment(kfp_api):
     assert spec["pipelineInfo"]["name"] == params.pipeline.name
     executors = body["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert "emptyDirMounts" in executors["exec-train-op"]
-    assert set(spec["root"]["dag"]["tasks"]) >= {"train-op", "evaluate-op", "condition-1"}
+    assert "pvcMount" in executors["exec-train-op"]
+    assert set(spec["root"]["dag"]["tasks"]) == {"exit-handler-1", "summary-op"}
+    # The data fingerprint is computed in the cluster by the DAG's first task: the client
+    # sends no argument for it (nor any other), so the run takes the compiled defaults.
+    assert run["runtime_config"]["parameters"] == {}
+    assert "source_fingerprint" not in spec["root"]["inputDefinitions"]["parameters"]
 
 
 def test_schedule_creates_one_recurring_run_with_the_cron(kfp_api):
@@ -78,6 +83,10 @@ def test_schedule_creates_one_recurring_run_with_the_cron(kfp_api):
     assert job["trigger"]["cron_schedule"]["cron"] == "0 30 2 * * *"
     assert int(job["max_concurrency"]) == 1 and job["no_catchup"] is True
     assert job["experiment_id"] == "exp-1"
+    assert not job.get("runtime_config", {}).get("parameters")  # no client-side fingerprint
+    spec = job["pipeline_spec"].get("pipeline_spec", job["pipeline_spec"])
+    fingerprint = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]["fingerprint-op"]
+    assert fingerprint["cachingOptions"] == {}  # runs every time: it decides
 
 
 def test_submit_without_host_is_a_config_error():

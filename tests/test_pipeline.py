@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from components.cli import main
+from components.common import remote
 from components.common.config import load_params
 from components.common.errors import ConfigError
 from components.common.io import sha256_file
@@ -30,38 +31,92 @@ def load(path: Path) -> tuple[dict, dict]:
     return docs[0], (docs[1] if len(docs) > 1 else {})
 
 
+def all_tasks(spec: dict) -> dict[str, dict]:
+    """Every task of the compiled DAG, nested groups (exit handler, conditions, loops)
+    included, by task name; each with `_in`, the DAG that holds it."""
+    dags = {"root": spec["root"]["dag"]}
+    dags |= {name: c["dag"] for name, c in spec["components"].items() if "dag" in c}
+    return {t: {**task, "_in": d} for d, dag in dags.items() for t, task in dag["tasks"].items()}
+
+
+def k8s_of(platform: dict) -> dict:
+    return platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
 def test_components_are_thin_and_run_the_project_image():
     spec, _ = load(COMPILED)
     params = load_params(REPO / "params.yaml")
     executors = spec["deploymentSpec"]["executors"]
-    assert len(executors) == 6
+    assert len(executors) == 8
     for executor in executors.values():
         container = executor["container"]
         assert container["image"] == params.pipeline.image
         text = json.dumps(container)
         assert "pip install" not in text and "pip3 install" not in text
-    tasks = spec["root"]["dag"]["tasks"]
+        # the body is the signature and one call: run_stage(<stage>, locals())
+        body = container["command"][-1].split("\ndef ", 1)[1]
+        assert body.count("run_stage(") == 1 and len(body.splitlines()) < 30
+    tasks = all_tasks(spec)
     assert set(tasks) == {
+        "summary-op",
+        "exit-handler-1",
+        "fingerprint-op",
+        "condition-2",
         "base-model-op",
         "pack-op",
         "cache-op",
         "train-op",
         "evaluate-op",
-        "condition-1",
+        "condition-3",
+        "publish-op",
     }
     assert tasks["train-op"]["dependentTasks"] == ["base-model-op", "cache-op"]
 
 
+def test_fingerprint_runs_uncached_first_and_its_key_feeds_every_later_task():
+    spec, _ = load(COMPILED)
+    tasks = all_tasks(spec)
+    fingerprint = tasks["fingerprint-op"]
+    assert fingerprint["_in"] == "comp-exit-handler-1"
+    assert fingerprint["cachingOptions"] == {}  # enableCache absent: caching off
+    for name in ("pack-op", "cache-op", "train-op", "evaluate-op", "publish-op"):
+        key = tasks[name]["inputs"]["parameters"]["run_key"]
+        assert key == {"componentInputParameter": "pipelinechannel--fingerprint-op-key"}, name
+        assert tasks[name]["cachingOptions"] == {"enableCache": True}, name
+    changed = tasks["condition-2"]
+    assert changed["taskInfo"]["name"] == "changed"
+    assert changed["triggerPolicy"]["condition"] == (
+        "inputs.parameter_values['pipelinechannel--fingerprint-op-Output'] == true"
+    )
+    assert tasks["base-model-op"]["_in"] == "comp-condition-2"
+    # No client-side fingerprint: the pipeline's parameters are the source and configs.
+    parameters = spec["root"]["inputDefinitions"]["parameters"]
+    assert "source_fingerprint" not in parameters and "checkpoint_dir" not in parameters
+    assert parameters["retrain"]["defaultValue"] == "on_change"
+
+
+def test_exit_handler_always_runs_the_summary():
+    spec, platform = load(COMPILED)
+    tasks = all_tasks(spec)
+    summary = tasks["summary-op"]
+    assert summary["_in"] == "root"
+    assert summary["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
+    assert summary["dependentTasks"] == ["exit-handler-1"]
+    status = spec["components"]["comp-summary-op"]["inputDefinitions"]["parameters"]["status"]
+    assert status["parameterType"] == "TASK_FINAL_STATUS"
+
+
 def test_publish_runs_under_the_gate_and_evaluate_shows_html_and_metrics():
     spec, _ = load(COMPILED)
-    gate = spec["root"]["dag"]["tasks"]["condition-1"]
+    tasks = all_tasks(spec)
+    gate = tasks["condition-3"]
     assert gate["taskInfo"]["name"] == "gate-passed"
     channel = gate["inputs"]["parameters"]["pipelinechannel--evaluate-op-Output"]
     assert channel["taskOutputParameter"]["producerTask"] == "evaluate-op"
     assert gate["triggerPolicy"]["condition"] == (
         "inputs.parameter_values['pipelinechannel--evaluate-op-Output'] == true"
     )
-    assert list(spec["components"]["comp-condition-1"]["dag"]["tasks"]) == ["publish-op"]
+    assert tasks["publish-op"]["_in"] == "comp-condition-3"
     outputs = spec["components"]["comp-evaluate-op"]["outputDefinitions"]
     kinds = {k: v["artifactType"]["schemaTitle"] for k, v in outputs["artifacts"].items()}
     assert kinds["report"] == "system.HTML" and kinds["eval_metrics"] == "system.Metrics"
@@ -71,7 +126,7 @@ def test_publish_runs_under_the_gate_and_evaluate_shows_html_and_metrics():
 def test_cache_workers_compile_to_a_parallel_for_and_a_merge(tmp_path):
     params = load_params(REPO / "params.yaml", ["pipeline.cache_workers=4"])
     spec, platform = load(compile_pipeline(params, tmp_path / "p.yaml"))
-    tasks = spec["root"]["dag"]["tasks"]
+    tasks = all_tasks(spec)
     assert "cache-merge-op" in tasks and "cache-op" not in tasks
     loop = next(t for name, t in tasks.items() if name.startswith("for-loop"))
     assert loop["parameterIterator"]["items"]["raw"] == "[0, 1, 2, 3]"
@@ -80,8 +135,7 @@ def test_cache_workers_compile_to_a_parallel_for_and_a_merge(tmp_path):
     assert json.loads(defaults["train_params"]["defaultValue"]) == params.train.model_dump()
     worker = spec["deploymentSpec"]["executors"]["exec-cache-worker-op"]["container"]
     assert worker["resources"]["accelerator"]["resourceCount"] == "1"  # each worker: a GPU
-    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    assert "exec-cache-worker-op" in executors
+    assert "exec-cache-worker-op" in k8s_of(platform)
 
 
 def test_stage_resources_gpus_node_selectors_tolerations_shm_and_retries(tmp_path):
@@ -105,9 +159,9 @@ def test_stage_resources_gpus_node_selectors_tolerations_shm_and_retries(tmp_pat
     assert train["resourceCpuLimit"] == "8" and train["resourceMemoryLimit"] == "32Gi"  # kept
     for stage in ("cache", "evaluate"):  # GPU stages by default
         assert executors[f"exec-{stage}-op"]["container"]["resources"]["accelerator"]
-    for stage in ("base-model", "pack", "publish"):  # CPU stages
+    for stage in ("fingerprint", "base-model", "pack", "publish", "summary"):  # CPU stages
         assert "accelerator" not in executors[f"exec-{stage}-op"]["container"]["resources"]
-    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    k8s = k8s_of(platform)
     assert k8s["exec-train-op"]["nodeSelector"]["labels"] == {
         "cloud.google.com/gke-accelerator": "nvidia-h100-80gb"
     }
@@ -117,11 +171,85 @@ def test_stage_resources_gpus_node_selectors_tolerations_shm_and_retries(tmp_pat
     for stage in ("cache", "train", "evaluate"):
         (shm,) = k8s[f"exec-{stage}-op"]["emptyDirMounts"]
         assert shm["mountPath"] == "/dev/shm" and shm["medium"] == "Memory"
-    for name, task in spec["root"]["dag"]["tasks"].items():
-        if name.endswith("-op"):
-            assert task["retryPolicy"]["maxRetryCount"] == 3, name
-    gated = spec["components"]["comp-condition-1"]["dag"]["tasks"]["publish-op"]
-    assert gated["retryPolicy"]["maxRetryCount"] == 3
+    ops = {n: t for n, t in all_tasks(spec).items() if n.endswith("-op")}
+    assert len(ops) == 8
+    for name, task in ops.items():
+        assert task["retryPolicy"]["maxRetryCount"] == 3, name
+        assert task["retryPolicy"]["backoffDuration"] == "60s", name
+
+
+def test_workspace_secrets_and_run_id_in_the_platform_spec(tmp_path):
+    params = load_params(
+        REPO / "params.yaml",
+        [
+            "pipeline.workspace_pvc=team-ws",
+            "pipeline.workspace_path=/ws",
+            "pipeline.hf_token_secret={name: hf-token, key: token}",
+            "pipeline.storage_secret={name: s3-creds}",
+            "pipeline.notify_secret={name: slack, key: url}",
+        ],
+    )
+    spec, platform = load(compile_pipeline(params, tmp_path / "p.yaml"))
+    k8s = k8s_of(platform)
+
+    def env_from(stage: str) -> dict[str, tuple[str, str]]:
+        return {
+            e["envVar"]: (s["secretName"], e["secretKey"])
+            for s in k8s[f"exec-{stage}-op"].get("secretAsEnv", [])
+            for e in s["keyToEnv"]
+        }
+
+    for stage in ("fingerprint", "pack", "cache", "train", "evaluate", "publish", "summary"):
+        (mount,) = k8s[f"exec-{stage}-op"]["pvcMount"]
+        assert mount["constant"] == "team-ws" and mount["mountPath"] == "/ws", stage
+    assert "pvcMount" not in k8s["exec-base-model-op"]
+    for stage in ("fingerprint", "base-model", "pack", "publish"):
+        assert env_from(stage)["HF_TOKEN"] == ("hf-token", "token"), stage
+    for stage in ("fingerprint", "pack", "publish"):
+        assert env_from(stage)["AWS_ACCESS_KEY_ID"] == ("s3-creds", "AWS_ACCESS_KEY_ID")
+        assert env_from(stage)["AWS_SECRET_ACCESS_KEY"][0] == "s3-creds"
+    for stage in ("cache", "train", "evaluate"):  # no secret where none is needed
+        assert env_from(stage) == {}, stage
+    assert env_from("summary") == {"T2I_NOTIFY_URL": ("slack", "url")}
+    for executor in k8s.values():
+        (run_id,) = executor["fieldPathAsEnv"]
+        assert run_id == {"name": "T2I_RUN_ID", "fieldPath": "metadata.labels['pipeline/runid']"}
+    parameters = spec["root"]["inputDefinitions"]["parameters"]
+    assert parameters["workspace"]["defaultValue"] == "/ws"
+
+
+def test_no_token_or_secret_value_in_the_compiled_yaml(tmp_path, monkeypatch):
+    """Secrets are names of Kubernetes secrets; their values never reach the package."""
+    monkeypatch.setenv("HF_TOKEN", "hf_SECRETVALUE123")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "AWSSECRETVALUE456")
+    params = load_params(
+        REPO / "params.yaml",
+        [
+            "pipeline.hf_token_secret={name: hf-token, key: token}",
+            "pipeline.storage_secret={name: s3}",
+        ],
+    )
+    text = compile_pipeline(params, tmp_path / "p.yaml").read_text()
+    assert "hf_SECRETVALUE123" not in text and "AWSSECRETVALUE456" not in text
+    spec, _ = load(tmp_path / "p.yaml")
+    for name, p in spec["root"]["inputDefinitions"]["parameters"].items():
+        assert "token" not in name.lower() and "secret" not in name.lower(), name
+        assert "hf_" not in str(p.get("defaultValue", "")), name
+    with pytest.raises(ConfigError, match="publish.hub_token: refused"):
+        load_params(None, ["publish.hub_token=hf_x"])
+
+
+def test_a_registry_on_the_pods_own_disk_is_refused(tmp_path):
+    params = load_params(REPO / "params.yaml", ["pipeline.workspace_pvc=null"])
+    with pytest.raises(ConfigError, match="publish.registry 'artifacts/registry' would be written"):
+        compile_pipeline(params, tmp_path / "p.yaml")
+    for ok in ("publish.registry=s3://models/registry", "publish.target=hub"):
+        extra = ["publish.hub_model_id=org/m"] if "hub" in ok else []
+        compile_pipeline(
+            load_params(REPO / "params.yaml", ["pipeline.workspace_pvc=null", ok, *extra]),
+            tmp_path / "p.yaml",
+        )
+    assert not (tmp_path / "p.yaml.tmp").exists()
 
 
 def test_bad_resources_name_the_key():
@@ -172,7 +300,10 @@ def test_run_local_accepts_a_parquet_file_source(tmp_path, sample_source, monkey
     params = load_params(None, [f"data.source={parquet}"])
     run_local(params, tmp_path / "root")
     assert seen["source"] == str(parquet)
-    assert seen["source_fingerprint"] == sha256_file(parquet)
+    # The fingerprint is the DAG's first task's (in the cluster), never a client argument.
+    assert "source_fingerprint" not in seen
+    assert seen["workspace"] == str((tmp_path / "root" / "workspace").resolve())
+    assert remote.fingerprint(str(parquet)) == sha256_file(parquet)
     with pytest.raises(ConfigError, match="'nowhere.parquet': no such folder or file"):
         run_local(load_params(None, ["data.source=nowhere.parquet"]), tmp_path / "root")
 
@@ -198,7 +329,7 @@ def test_run_local_completes_with_every_artifact(tmp_path, sample_source, monkey
         ],
     )
     result = run_local(params, tmp_path / "root")
-    run_dir = next(Path(result["root"]).iterdir())
+    run_dir = next(p for p in Path(result["root"]).iterdir() if p.name != "workspace")
     latents = json.loads((run_dir / "cache-merge-op" / "latents" / "manifest.json").read_text())
     packed = json.loads((run_dir / "pack-op" / "shards" / "manifest.json").read_text())
     assert [e["source_name"] for e in latents["shards"]] == [e["name"] for e in packed["shards"]]
@@ -241,8 +372,74 @@ def test_run_local_with_a_failed_gate_skips_publish(tmp_path, sample_source, mon
         ],
     )
     result = run_local(params, tmp_path / "root")
-    run_dir = next(Path(result["root"]).iterdir())
+    run_dir = next(p for p in Path(result["root"]).iterdir() if p.name != "workspace")
     executed = json.loads((run_dir / "evaluate-op" / "executor_output.json").read_text())
     assert executed["parameterValues"]["Output"] is False
     assert not (run_dir / "publish-op").exists()  # skipped by dsl.If
+    summary = result["summary"]
+    assert summary["text"] == "run succeeded: the evaluation gate failed, nothing published"
+    assert summary["stages"]["publish"] == {
+        "status": "skipped",
+        "summary": "the evaluation gate failed",
+    }
     assert not (tmp_path / "registry").exists()
+
+
+@pytest.mark.slow
+def test_scheduled_runs_train_only_when_the_data_changed(tmp_path, s3, monkeypatch):
+    """Three kfp.local runs of the DAG over one workspace, with the data in S3 (a local
+    moto server): the first trains and publishes v1; the second, with nothing changed,
+    trains nothing; the third, after images were added, trains and publishes v2, and
+    pack and cache redo only the new shards."""
+    from make_sample import make_sample
+
+    from tests.conftest import upload_folder
+
+    monkeypatch.chdir(tmp_path)
+    s3.create_bucket(Bucket="data")
+    make_sample(tmp_path / "v1", count=48)
+    upload_folder(s3, "data", tmp_path / "v1", "shapes")
+    params = load_params(
+        None,
+        [
+            "data.source=s3://data/shapes",
+            "model.tiny_vae_steps=8",
+            "train.max_train_steps=4",
+            "train.train_batch_size=4",
+            "evaluate.num_inference_steps=1",
+            "evaluate.prompts=[a red circle]",
+            "evaluate.heldout_captions=4",
+            "pack.val_fraction=0.2",
+            "pack.shard_max_samples=8",
+            "publish.from_experiments=true",
+            f"publish.registry={tmp_path / 'registry'}",
+        ],
+    )
+    root = tmp_path / "root"
+
+    first = run_local(params, root)["summary"]
+    assert first["text"] == "run succeeded: published v1"
+    assert first["stages"]["fingerprint"]["summary"] == "nothing published yet"
+    assert first["stages"]["train"]["status"] == "done"
+    shards_v1 = first["stages"]["pack"]["shards"]
+    assert first["stages"]["pack"]["written"] == shards_v1
+
+    second = run_local(params, root)["summary"]
+    assert second["text"].startswith("run succeeded: data and config unchanged since v1")
+    assert second["text"].endswith("nothing trained")
+    for stage in ("pack", "cache", "train", "evaluate", "publish"):
+        assert second["stages"][stage]["status"] == "skipped", stage
+    assert sorted(p.name for p in (tmp_path / "registry" / "t2i-tiny").iterdir()) == ["1"]
+
+    make_sample(tmp_path / "v2", count=64)  # the same 48 pictures, and 16 new ones
+    upload_folder(s3, "data", tmp_path / "v2", "shapes")
+    third = run_local(params, root)["summary"]
+    assert third["stages"]["fingerprint"]["summary"].startswith("data changed since v1")
+    assert third["text"] == "run succeeded: published v2"
+    pack = third["stages"]["pack"]
+    assert pack["shards"] > shards_v1 and 0 < pack["written"] < pack["shards"]
+    assert 0 < third["stages"]["cache"]["encoded"] < pack["shards"]
+    lineage = json.loads((tmp_path / "registry" / "t2i-tiny" / "2" / "lineage.json").read_text())
+    assert lineage["run_key"]["source"] == "s3://data/shapes"
+    assert lineage["source"]["source"] == "s3://data/shapes"
+    assert sum(lineage["pack"]["samples"].values()) == 64

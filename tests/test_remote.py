@@ -109,3 +109,20 @@ def test_dvc_path_at_a_revision(sample_source, tmp_path):
         remote.fingerprint(f"dvc://images?repository={repo}")
     with pytest.raises(ConfigError, match="cannot open the repo at that revision"):
         remote.fingerprint(f"dvc://images?repo={repo}&rev=v9")
+
+
+def test_t2i_pack_reads_an_s3_source(s3, sample_source, tmp_path, monkeypatch, capsys):
+    from components.cli import main
+    from components.common.records import read_pack_manifest
+
+    s3.create_bucket(Bucket="data")
+    upload_folder(s3, "data", sample_source, "shapes")
+    monkeypatch.chdir(tmp_path)
+    repo_params = Path(__file__).resolve().parents[1] / "params.yaml"
+    args = ["pack", "--params", str(repo_params), "--source", "s3://data/shapes"]
+    assert main([*args, "--out", "shards"]) == 0
+    assert "packed 48 samples" in capsys.readouterr().out
+    assert read_pack_manifest(tmp_path / "shards").source == "s3://data/shapes"
+    assert main([*args.copy()[:-1], "s3://data/none", "--out", "shards2"]) == 2
+    assert "data.source s3://data/none: nothing there" in capsys.readouterr().err
+    assert not (tmp_path / "shards2").exists()

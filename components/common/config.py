@@ -306,18 +306,30 @@ class Resources(Section):
     shm_size: str | None = Field(None, pattern=_QUANTITY)
 
 
-STAGES = ("base_model", "pack", "cache", "train", "evaluate", "publish")
+_K8S_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"  # a Kubernetes object name
+STAGES = (
+    "fingerprint",
+    "base_model",
+    "pack",
+    "cache",
+    "train",
+    "evaluate",
+    "publish",
+    "summary",
+)
 
 
 def _default_resources() -> dict[str, Resources]:
     gpu = Resources(cpu="8", memory="32Gi", gpus=1, shm_size="8Gi")
     return {
+        "fingerprint": Resources(cpu="1", memory="2Gi"),
         "base_model": Resources(cpu="2", memory="16Gi"),
         "pack": Resources(cpu="8", memory="16Gi"),
         "cache": gpu,
         "train": gpu,
         "evaluate": gpu,
         "publish": Resources(cpu="2", memory="16Gi"),
+        "summary": Resources(cpu="1", memory="1Gi"),
     }
 
 
@@ -327,6 +339,24 @@ class RetryPolicy(Section):
     count: int = Field(2, ge=0, le=10)
     backoff_s: int = Field(60, ge=0)
     factor: float = Field(2.0, ge=1.0)
+
+
+class SecretKey(Section):
+    """One key of a Kubernetes secret (`kubectl create secret generic NAME
+    --from-literal=KEY=...`)."""
+
+    name: str = Field(pattern=_K8S_NAME)
+    key: str = Field(pattern=r"^[-._a-zA-Z0-9]+$")
+
+
+class StorageSecret(Section):
+    """A Kubernetes secret whose keys are object-store credential variables; each key
+    becomes the environment variable of the same name."""
+
+    name: str = Field(pattern=_K8S_NAME)
+    keys: list[str] = Field(
+        default_factory=lambda: ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"], min_length=1
+    )
 
 
 class PipelineConfig(Section):
@@ -342,6 +372,19 @@ class PipelineConfig(Section):
     # keeps its default. Applied with kfp-kubernetes when the DAG is compiled.
     resources: dict[str, Resources] = Field(default_factory=_default_resources)
     retries: RetryPolicy = RetryPolicy()
+    # An existing PersistentVolumeClaim, mounted at workspace_path in every stage that
+    # keeps state across runs: the fetched source, pack's and cache's content-keyed
+    # stores, train's checkpoints (keyed by the run), a registry given as a relative path,
+    # and the run notes the summary reads. null: no workspace (every run starts afresh).
+    workspace_pvc: str | None = Field("t2i-workspace", pattern=_K8S_NAME)
+    workspace_path: str = Field("/workspace", pattern=r"^/")
+    # on_change: train only when the data fingerprint or the config differ from the
+    # latest published model's lineage; always: train on every run.
+    retrain: Literal["on_change", "always"] = "on_change"
+    # Secrets reach pods as environment variables, never as parameters.
+    hf_token_secret: SecretKey | None = None  # -> HF_TOKEN (fingerprint, base_model, pack, publish)
+    storage_secret: StorageSecret | None = None  # -> e.g. AWS_* (fingerprint, pack, publish)
+    notify_secret: SecretKey | None = None  # -> T2I_NOTIFY_URL: the summary is posted there
 
     @field_validator("resources", mode="before")
     @classmethod
@@ -418,12 +461,14 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def describe_errors(err: ValidationError, where: str) -> str:
-    """One line naming every bad key: `params.yaml: train.lr: unknown key`."""
+def describe_errors(err: ValidationError, where: str, section: str | None = None) -> str:
+    """One line naming every bad key: `params.yaml: train.lr: unknown key`. `section`:
+    the errors are of that section alone (its name is put before each key)."""
     parts = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = _unknown_key(e["loc"]) if e["type"] == "extra_forbidden" else e["msg"]
+        loc = (section, *e["loc"]) if section else tuple(e["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        msg = _unknown_key(loc) if e["type"] == "extra_forbidden" else e["msg"]
         msg = msg.removeprefix("Value error, ")
         # Our own validators name the value when it helps; a secret is never echoed.
         echo = e["type"] not in ("extra_forbidden", "value_error") and "token" not in key
@@ -480,8 +525,8 @@ def load_params(path: Path | str | None = "params.yaml", overrides: list[str] = 
 
 
 def validate_section(model: type[Section], values: dict[str, Any], where: str) -> Section:
-    """Validate one section given as a dict (the KFP parameters take this path)."""
+    """Validate section `where` given as a dict (the KFP parameters take this path)."""
     try:
         return model.model_validate(values)
     except ValidationError as e:
-        raise ConfigError(describe_errors(e, where)) from None
+        raise ConfigError(describe_errors(e, f"pipeline parameter {where}_params", where)) from None

@@ -71,8 +71,12 @@ class PackReport:
         )
 
 
-def run(data: DataConfig, cfg: PackConfig, source: Path, out: Path) -> PackReport:
+def run(
+    data: DataConfig, cfg: PackConfig, source: Path, out: Path, source_name: str | None = None
+) -> PackReport:
     """Pack `source` (any supported format) into shards under `out`, incrementally.
+    `source_name` is how the lineage names the source (default: the dataset id or the
+    path; a pipeline gives the URI it fetched `source` from).
 
     Raises ConfigError for a missing/empty source or a missing column, and T2IError
     when the rejected fraction exceeds `pack.max_reject_fraction` (the previous
@@ -81,13 +85,16 @@ def run(data: DataConfig, cfg: PackConfig, source: Path, out: Path) -> PackRepor
     out = Path(out)
     fmt, samples = list_samples(Path(source), data)
     try:
-        return _pack(data, cfg, Path(source), out, fmt, samples)
+        name = source_name or _source_name(Path(source), data)
+        return _pack(data, cfg, Path(source), out, fmt, samples, name)
     finally:  # the workers' spool files, whatever happened
         for spool in out.glob(".spool-*"):
             spool.unlink()
 
 
-def _pack(data, cfg, source: Path, out: Path, fmt: str, samples: list[Sample]) -> PackReport:
+def _pack(
+    data, cfg, source: Path, out: Path, fmt: str, samples: list[Sample], name: str
+) -> PackReport:
     previous = PreviousPack.load(out, cfg, fmt)
     # Nothing to compare with: every sample is processed and the workers, which read
     # the bytes anyway, fingerprint them. Otherwise fingerprints decide what to redo.
@@ -108,7 +115,7 @@ def _pack(data, cfg, source: Path, out: Path, fmt: str, samples: list[Sample]) -
             f"(limit pack.max_reject_fraction={cfg.max_reject_fraction}); see {out / REJECTED}"
         )
     written = write_plan(plan, previous, fresh, out)
-    manifest = plan.manifest(fmt, cfg, written, _source_name(source, data), data.dataset_name)
+    manifest = plan.manifest(fmt, cfg, written, name, data.dataset_name)
     _write_if_changed(out / REJECTED, plan.rejected_jsonl())
     _write_if_changed(out / MANIFEST, _json_bytes(manifest.model_dump(mode="json")))
     remove_unlisted(out, manifest)

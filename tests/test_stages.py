@@ -1,0 +1,231 @@
+"""The one way components run a stage (pipelines/stages.py): the decision to train,
+the run summary and its webhook, one-line failures, and a retried train pod resuming
+from its checkpoint on the workspace."""
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from components.common.config import TrainConfig
+from components.publish.latest import Published
+from pipelines import stages
+from pipelines.stages import Context, decide, run_stage, run_summary
+
+KEY = {"source": "s3://d/x", "data_fingerprint": "a" * 64, "config_sha256": "b" * 64}
+
+
+class Artifact(SimpleNamespace):
+    """What KFP hands a component: a path, metadata, and log_metric for Metrics."""
+
+    def __init__(self, path: Path):
+        super().__init__(path=str(path), metadata={}, metrics={})
+
+    def log_metric(self, key: str, value: float) -> None:
+        self.metrics[key] = value
+
+
+def published(run_key: dict) -> Published:
+    return Published(3, "registry /ws/registry/m", {"run_key": run_key})
+
+
+def test_decide_trains_only_when_data_or_config_changed():
+    assert decide(KEY, None, "on_change") == (True, "nothing published yet")
+    same = published(KEY)
+    assert decide(KEY, same, "on_change") == (
+        False,
+        "data and config unchanged since v3 (registry /ws/registry/m)",
+    )
+    assert decide(KEY, same, "always")[0] is True
+    data = published({**KEY, "data_fingerprint": "c" * 64})
+    assert decide(KEY, data, "on_change") == (
+        True,
+        "data changed since v3 (registry /ws/registry/m)",
+    )
+    config = published({**KEY, "config_sha256": "c" * 64})
+    assert decide(KEY, config, "on_change")[1].startswith("config changed since v3")
+    outside = published({})  # published by `dvc repro`: no run key to compare with
+    assert decide(KEY, outside, "on_change")[0] is True
+
+
+def test_the_fingerprint_ignores_where_the_data_is_but_not_what_it_is(
+    tmp_path, sample_source, monkeypatch
+):
+    from components.common.config import load_params
+
+    def key_of(source: str, *sets: str) -> dict:
+        params = load_params(None, [f"data.source={source}", *sets])
+        sections = {s: getattr(params, s) for s in stages.SECTIONS}
+        out = tmp_path / "out"
+        out.mkdir(exist_ok=True)
+        ctx = Context(None, None)
+        stages.fingerprint(
+            ctx, source, "on_change", str(out / "key"), str(out / "reason"), **sections
+        )
+        return json.loads((out / "key").read_text())
+
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(sample_source, moved)
+    a, b = key_of(str(sample_source)), key_of(str(moved))
+    assert a["data_fingerprint"] == b["data_fingerprint"]
+    assert a["config_sha256"] == b["config_sha256"]  # the path is not config
+    assert key_of(str(moved), "train.learning_rate=5e-4")["config_sha256"] != a["config_sha256"]
+    (moved / "0000.png").write_bytes(b"changed")
+    assert key_of(str(moved))["data_fingerprint"] != a["data_fingerprint"]
+
+
+def _note(run_dir: Path, stage: str, **fields) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / f"{stage}.json").write_text(json.dumps({"stage": stage, **fields}))
+
+
+def test_summary_says_what_ran_what_was_skipped_and_why(tmp_path):
+    run = tmp_path / "runs" / "r1"
+    _note(run, "fingerprint", status="done", summary="data changed since v1", changed=True)
+    _note(run, "pack", status="done", summary="packed 64", written=2, shards=8)
+    _note(run, "train", status="done", summary="trained 4 steps")
+    _note(run, "evaluate", status="done", summary="gate passed", gate_passed=True)
+    _note(run, "publish", status="done", summary="v2", published=True, version=2)
+    doc = run_summary(run, "SUCCEEDED")
+    assert doc["text"] == "run succeeded: published v2" and doc["published_version"] == 2
+    assert doc["stages"]["cache"]["status"] == "not run"  # a KFP cache hit writes no note
+    assert doc["stages"]["pack"]["written"] == 2
+
+    unchanged = tmp_path / "runs" / "r2"
+    why = "data and config unchanged since v2 (registry /ws/r)"
+    _note(unchanged, "fingerprint", status="done", summary=why, changed=False)
+    doc = run_summary(unchanged, "SUCCEEDED")
+    assert doc["text"] == f"run succeeded: {why}; nothing trained"
+    assert doc["stages"]["train"] == {"status": "skipped", "summary": why}
+
+    failed = tmp_path / "runs" / "r3"
+    _note(failed, "fingerprint", status="done", summary="nothing published yet", changed=True)
+    _note(failed, "train", status="failed", summary="train.lr: bad")
+    doc = run_summary(failed, "FAILED", "task train failed\nmore")
+    assert doc["text"] == "run failed (task train failed)"
+    assert doc["stages"]["train"]["status"] == "failed"
+    # Without a workspace the summary still has the state, and says where to look.
+    assert run_summary(None, "SUCCEEDED")["stages"]["pack"]["status"] == "unknown"
+
+
+@pytest.fixture
+def webhook():
+    """A recording HTTP server on 127.0.0.1: every POST body; answers `codes` in turn."""
+    seen, codes = [], []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            seen.append((self.path, self.headers["Content-Type"], json.loads(body)))
+            self.send_response(codes.pop(0) if codes else 200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/hooks/t2i", seen, codes
+    server.shutdown()
+
+
+def test_the_summary_task_writes_the_summary_and_posts_it(tmp_path, webhook, monkeypatch, capsys):
+    url, seen, codes = webhook
+    monkeypatch.setenv("T2I_RUN_ID", "run-7")
+    monkeypatch.setenv("T2I_NOTIFY_URL", url)
+    _note(tmp_path / "ws" / "runs" / "run-7", "fingerprint", status="done", changed=False,
+          summary="data and config unchanged since v3 (hub acme/shapes)")  # fmt: skip
+    codes.append(503)  # the first post fails: retried
+    status = {"state": "SUCCEEDED", "error": {}, "pipeline_task_name": "exit-handler-1"}
+    from kfp.dsl import PipelineTaskFinalStatus
+
+    final = PipelineTaskFinalStatus(status["state"], "job", "exit-handler-1", None, None)
+    out = Artifact(tmp_path / "summary")
+    run_stage(
+        "summary",
+        {"workspace": str(tmp_path / "ws"), "status": final, "summary": out, "run_stage": None},
+    )
+    doc = json.loads(Path(out.path).read_text())
+    text = "run succeeded: data and config unchanged since v3 (hub acme/shapes); nothing trained"
+    assert doc["text"] == text
+    assert json.loads((tmp_path / "ws" / "runs" / "run-7" / "summary.json").read_text()) == doc
+    assert len(seen) == 2
+    path, kind, body = seen[-1]
+    assert path == "/hooks/t2i" and kind == "application/json"
+    assert body["text"] == text and body["summary"]["stages"]["train"]["status"] == "skipped"
+    assert text in capsys.readouterr().out
+
+
+def test_a_webhook_that_fails_is_a_warning_not_a_failure(webhook, capsys):
+    url, seen, codes = webhook
+    codes.extend([500, 500, 500])
+    assert stages.notify(url, {"text": "run succeeded"}) is False
+    assert len(seen) == 3
+    assert "warning: the webhook did not take the summary" in capsys.readouterr().err
+
+
+def test_a_bad_param_is_one_line_exit_2_and_a_failure_note(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("T2I_RUN_ID", "run-9")
+    io = {
+        "workspace": str(tmp_path / "ws"),
+        "run_key": json.dumps(KEY),
+        "model_params": json.dumps({"source": "tiny", "tiny_vae_steps": -1}),
+        "base_model": Artifact(tmp_path / "base"),
+    }
+    with pytest.raises(SystemExit) as exit_:
+        run_stage("base_model", io)
+    assert exit_.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("base_model: ") and "model.tiny_vae_steps" in line
+    note = json.loads((tmp_path / "ws" / "runs" / "run-9" / "base_model.json").read_text())
+    assert note["status"] == "failed" and "tiny_vae_steps" in note["summary"]
+
+
+def test_a_retried_train_pod_resumes_from_its_checkpoint_on_the_workspace(
+    latents, tiny_model, tmp_path, monkeypatch
+):
+    """The first pod dies after its step-10 checkpoint; the retry (a new pod: fresh
+    output folders, the same workspace and inputs) resumes at step 10."""
+    from components.train_unet import checkpoints
+
+    cfg = TrainConfig(
+        train_batch_size=8, max_train_steps=20, checkpointing_steps=10, lr_scheduler="constant"
+    )
+    real_save = checkpoints.save
+
+    def preempted(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt("the node was preempted")  # not a T2IError: a crash
+
+    def pod(attempt: int) -> dict:
+        outs = {n: Artifact(tmp_path / f"attempt{attempt}" / n) for n in ("model", "reports")}
+        return {
+            "workspace": str(tmp_path / "ws"),
+            "run_key": json.dumps(KEY),
+            "train_params": json.dumps(cfg.model_dump()),
+            "latents": Artifact(latents),
+            "base_model": Artifact(tiny_model),
+            "train_metrics": Artifact(tmp_path / f"attempt{attempt}" / "metrics"),
+            **outs,
+        }
+
+    monkeypatch.setattr(checkpoints, "save", preempted)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage("train", pod(1))
+    monkeypatch.setattr(checkpoints, "save", real_save)
+    retry = pod(2)
+    run_stage("train", retry)
+    assert retry["train_metrics"].metrics["resumed_from_step"] == 10
+    assert retry["train_metrics"].metrics["steps"] == 20
+    saved = list((tmp_path / "ws" / "checkpoints").glob("*/checkpoint-*"))
+    assert {p.name for p in saved} >= {"checkpoint-10", "checkpoint-20"}
+    # A run with other data gets its own checkpoints: nothing to resume from.
+    other = pod(3)
+    other["run_key"] = json.dumps({**KEY, "data_fingerprint": "f" * 64})
+    run_stage("train", other)
+    assert other["train_metrics"].metrics["resumed_from_step"] == 0
