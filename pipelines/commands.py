@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import sys
 import tempfile
 import time
 import warnings
@@ -142,7 +143,20 @@ def _client(params: Params):
     return kfp.Client(host=params.pipeline.host)
 
 
+def image_warning(image: str) -> str | None:
+    """A tag can be moved to other bytes; production pipelines name the image by digest."""
+    if "@sha256:" in image:
+        return None
+    return (
+        f"warning: pipeline.image {image} is pinned by a tag, which can be moved; for "
+        "production, pin its digest (pipeline.image=REPO@sha256:...; README, Kubernetes)"
+    )
+
+
 def dispatch(params: Params, args) -> str:
+    warning = image_warning(params.pipeline.image) if args.action != "run-local" else None
+    if warning:
+        print(warning, file=sys.stderr)
     if args.action == "compile":
         target = compile_target(args)
         note = "" if target != LOCAL else f" (local values; {COMMITTED} is left as it is)"

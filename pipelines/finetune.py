@@ -125,7 +125,7 @@ def _train_and_publish(ops, p, key, source, workspace, parameters) -> list[tuple
             shards=pack.outputs["shards"],
             parts=dsl.Collected(worker.outputs["part"]),
         ).set_display_name("cache-merge")
-        cache_tasks += [("cache", worker), ("cache_merge", cache)]
+        cache_tasks += [("cache_worker", worker), ("cache_merge", cache)]
     train = ops.train_op(
         run_key=key,
         workspace=workspace,
@@ -165,8 +165,8 @@ def _train_and_publish(ops, p, key, source, workspace, parameters) -> list[tuple
 def place(task, stage: str, params: Params) -> None:
     """Everything Kubernetes about one task: retries, requests and limits, GPUs, node
     selector, tolerations, /dev/shm, the workspace PVC, secrets as environment
-    variables, the run id and the image reference. (`cache_merge` gets no resources of
-    its own: only retries, the workspace and the image.)"""
+    variables, the run id and the image reference. (`cache_worker` gets the cache
+    stage's resources and no workspace; `cache_merge` no resources of its own.)"""
     from kfp import kubernetes
 
     p = params.pipeline
@@ -186,7 +186,7 @@ def place(task, stage: str, params: Params) -> None:
         kubernetes.mount_pvc(task, pvc_name=p.workspace_pvc, mount_path=p.workspace_path)
     for secret_name, to_env in _secrets(p, stage):
         kubernetes.use_secret_as_env(task, secret_name=secret_name, secret_key_to_env=to_env)
-    resources = p.resources.get(stage)
+    resources = p.resources.get("cache" if stage == "cache_worker" else stage)
     if resources is None:
         return
     if resources.cpu:

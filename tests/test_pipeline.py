@@ -135,7 +135,9 @@ def test_cache_workers_compile_to_a_parallel_for_and_a_merge(tmp_path):
     assert json.loads(defaults["train_params"]["defaultValue"]) == params.train.model_dump()
     worker = spec["deploymentSpec"]["executors"]["exec-cache-worker-op"]["container"]
     assert worker["resources"]["accelerator"]["resourceCount"] == "1"  # each worker: a GPU
-    assert "exec-cache-worker-op" in k8s_of(platform)
+    k8s = k8s_of(platform)
+    assert "pvcMount" not in k8s["exec-cache-worker-op"]  # workers write their own part
+    assert "pvcMount" in k8s["exec-cache-merge-op"]  # the merge leaves the run's note
 
 
 def test_stage_resources_gpus_node_selectors_tolerations_shm_and_retries(tmp_path):
@@ -443,3 +445,21 @@ def test_scheduled_runs_train_only_when_the_data_changed(tmp_path, s3, monkeypat
     assert lineage["run_key"]["source"] == "s3://data/shapes"
     assert lineage["source"]["source"] == "s3://data/shapes"
     assert sum(lineage["pack"]["samples"].values()) == 64
+
+
+def test_compile_warns_when_the_image_is_pinned_by_a_tag(tmp_path, capsys):
+    tagged = ["pipeline", "compile", "--output", str(tmp_path / "a.yaml")]
+    assert main(tagged) == 0
+    err = capsys.readouterr().err
+    assert (
+        "warning: pipeline.image ghcr.io/t2i-pipeline/t2i-pipeline:0.1.0 is pinned by a tag" in err
+    )
+    digest = "ghcr.io/t2i-pipeline/t2i-pipeline@sha256:" + "ab" * 32
+    pinned = [*tagged[:-1], str(tmp_path / "b.yaml"), "--set", f"pipeline.image={digest}"]
+    assert main(pinned) == 0
+    assert "warning" not in capsys.readouterr().err
+    spec, _ = load(tmp_path / "b.yaml")
+    for executor in spec["deploymentSpec"]["executors"].values():
+        env = {e["name"]: e["value"] for e in executor["container"]["env"]}
+        assert executor["container"]["image"] == digest
+        assert env["T2I_IMAGE"] == digest and env["T2I_IMAGE_DIGEST"] == "sha256:" + "ab" * 32
