@@ -25,6 +25,8 @@ from pipelines.ops import make_ops
 
 # The stages that mount the workspace: state across runs, and the run notes.
 WORKSPACE_STAGES = ("fingerprint", "pack", "cache", "train", "evaluate", "publish", "summary")
+# The stages that read data.source (a path on `pipeline.data_pvc`, or a URI).
+DATA_STAGES = ("fingerprint", "pack")
 # Who gets which secret (as environment variables).
 HF_TOKEN_STAGES = ("fingerprint", "base_model", "pack", "publish")
 STORAGE_STAGES = ("fingerprint", "pack", "publish")
@@ -184,6 +186,8 @@ def place(task, stage: str, params: Params) -> None:
     )
     if p.workspace_pvc and stage in (*WORKSPACE_STAGES, "cache_merge"):
         kubernetes.mount_pvc(task, pvc_name=p.workspace_pvc, mount_path=p.workspace_path)
+    if p.data_pvc and stage in DATA_STAGES:
+        kubernetes.mount_pvc(task, pvc_name=p.data_pvc, mount_path=p.data_path)
     for secret_name, to_env in _secrets(p, stage):
         kubernetes.use_secret_as_env(task, secret_name=secret_name, secret_key_to_env=to_env)
     resources = p.resources.get("cache" if stage == "cache_worker" else stage)

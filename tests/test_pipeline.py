@@ -189,10 +189,18 @@ def test_workspace_secrets_and_run_id_in_the_platform_spec(tmp_path):
             "pipeline.hf_token_secret={name: hf-token, key: token}",
             "pipeline.storage_secret={name: s3-creds}",
             "pipeline.notify_secret={name: slack, key: url}",
+            "pipeline.data_pvc=datasets",
+            "data.source=/data/shapes",
         ],
     )
     spec, platform = load(compile_pipeline(params, tmp_path / "p.yaml"))
     k8s = k8s_of(platform)
+    for stage in ("fingerprint", "pack"):  # the data volume, where the source is read
+        mounts = {m["constant"]: m["mountPath"] for m in k8s[f"exec-{stage}-op"]["pvcMount"]}
+        assert mounts == {"team-ws": "/ws", "datasets": "/data"}, stage
+        k8s[f"exec-{stage}-op"]["pvcMount"] = [
+            m for m in k8s[f"exec-{stage}-op"]["pvcMount"] if m["constant"] == "team-ws"
+        ]
 
     def env_from(stage: str) -> dict[str, tuple[str, str]]:
         return {

@@ -378,6 +378,10 @@ class PipelineConfig(Section):
     # and the run notes the summary reads. null: no workspace (every run starts afresh).
     workspace_pvc: str | None = Field("t2i-workspace", pattern=_K8S_NAME)
     workspace_path: str = Field("/workspace", pattern=r"^/")
+    # Data on a volume: an existing PVC mounted at data_path in fingerprint and pack
+    # (data.source then names a path under it, e.g. /data/shapes).
+    data_pvc: str | None = Field(None, pattern=_K8S_NAME)
+    data_path: str = Field("/data", pattern=r"^/")
     # on_change: train only when the data fingerprint or the config differ from the
     # latest published model's lineage; always: train on every run.
     retrain: Literal["on_change", "always"] = "on_change"
