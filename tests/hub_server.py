@@ -164,10 +164,23 @@ class Handler(BaseHTTPRequestHandler):
             ("GET", rf"^/{repo}/resolve/(?P<rev>[^/]+)/(?P<file>.+)$", self.resolve),
             ("HEAD", rf"^/{repo}/resolve/(?P<rev>[^/]+)/(?P<file>.+)$", self.resolve),
         ]
+        # Dataset repos (hf://datasets/... sources): the same handlers, kept under
+        # "datasets/<repo>" in the state.
+        data = r"(?P<repo>[^/]+/[^/]+)"
+        routes += [
+            ("GET", rf"^/api/datasets/{data}(?:/revision/(?P<rev>[^/]+))?$", self.info),
+            ("GET", rf"^/api/datasets/{data}/tree/(?P<rev>[^/]+)(?:/(?P<sub>.*))?$", self.tree),
+            ("POST", rf"^/api/datasets/{data}/paths-info/(?P<rev>[^/]+)$", self.paths_info),
+            ("GET", rf"^/datasets/{data}/resolve/(?P<rev>[^/]+)/(?P<file>.+)$", self.resolve),
+            ("HEAD", rf"^/datasets/{data}/resolve/(?P<rev>[^/]+)/(?P<file>.+)$", self.resolve),
+        ]
         for m, pattern, handler in routes:
             match = re.match(pattern, path)
             if m == method and match:
-                return handler(body=body, head=method == "HEAD", **match.groupdict())
+                found = match.groupdict()
+                if "datasets/" in pattern:
+                    found["repo"] = f"datasets/{found['repo']}"
+                return handler(body=body, head=method == "HEAD", **found)
         self._error(404, f"no route {method} {path}")
 
     def _repo(self, repo: str, write: bool, head=False) -> Repo | None:
@@ -256,6 +269,12 @@ class Handler(BaseHTTPRequestHandler):
         commit = r.at(rev)
         if commit is None:
             return self._error(404, "Revision not found", "RevisionNotFound")
+        entries = self._entries(commit)
+        if sub:
+            entries = [e for e in entries if e["path"].startswith(sub.rstrip("/") + "/")]
+        self._json(200, entries)
+
+    def _entries(self, commit: dict) -> list[dict]:
         entries, folders = [], set()
         for path, data in sorted(commit["files"].items()):
             parts = path.split("/")
@@ -269,10 +288,21 @@ class Handler(BaseHTTPRequestHandler):
                     "pointerSize": 134,
                 }
             entries.append(entry)
-        entries += [{"type": "directory", "path": f, "oid": "0" * 40, "size": 0} for f in folders]
-        if sub:
-            entries = [e for e in entries if e["path"].startswith(sub.rstrip("/") + "/")]
-        self._json(200, entries)
+        return entries + [
+            {"type": "directory", "path": f, "oid": "0" * 40, "size": 0} for f in sorted(folders)
+        ]
+
+    def paths_info(self, repo, rev, body, head):
+        r = self._repo(repo, write=False)
+        if r is None:
+            return
+        commit = r.at(rev)
+        if commit is None:
+            return self._error(404, "Revision not found", "RevisionNotFound")
+        from urllib.parse import parse_qs
+
+        wanted = parse_qs(body.decode()).get("paths", [])  # a form: paths=a&paths=b&expand=
+        self._json(200, [e for e in self._entries(commit) if e["path"] in wanted])
 
     def preupload(self, repo, rev, body, head):
         if self._repo(repo, write=True) is None:

@@ -1,6 +1,7 @@
 """Sources by URI: fingerprinted where they live, fetched incrementally (S3 on a local
 moto server; DVC from a temporary git+DVC repository with a local remote)."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -126,3 +127,52 @@ def test_t2i_pack_reads_an_s3_source(s3, sample_source, tmp_path, monkeypatch, c
     assert main([*args.copy()[:-1], "s3://data/none", "--out", "shards2"]) == 2
     assert "data.source s3://data/none: nothing there" in capsys.readouterr().err
     assert not (tmp_path / "shards2").exists()
+
+
+_HF_SCRIPT = """
+import json, sys
+from pathlib import Path
+from components.common import remote
+uri, dest = sys.argv[1], sys.argv[2]
+print(json.dumps([remote.fingerprint(uri), str(remote.fetch(uri, Path(dest)))]))
+"""
+
+
+def test_hf_dataset_files_from_a_local_hub(tmp_path):
+    """`hf://datasets/acme/shapes/images` through huggingface_hub's HfFileSystem against
+    the test Hub (its own process: huggingface_hub reads HF_ENDPOINT at import)."""
+    import sys
+
+    from .hub_server import Repo, serve
+    from .test_publish_hub import hub_env
+
+    server, state, endpoint = serve({})
+    repo = Repo(private=False)
+    files = {"images/a.png": b"\x89PNG-a", "images/metadata.jsonl": b'{"file_name": "a.png"}\n'}
+    repo.commit({**files, "README.md": b"shapes"}, "first")
+    state.repos["datasets/acme/shapes"] = repo
+    uri = "hf://datasets/acme/shapes/images"
+
+    def read(dest: Path) -> tuple[str, Path]:
+        done = subprocess.run(
+            [sys.executable, "-c", _HF_SCRIPT, uri, str(dest)],
+            env=hub_env(endpoint, tmp_path, token=None),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        fp, path = json.loads(done.stdout.strip().splitlines()[-1])
+        return fp, Path(path)
+
+    try:
+        first, copy = read(tmp_path / "copy")
+        assert copy == tmp_path / "copy"
+        assert (copy / "a.png").read_bytes() == b"\x89PNG-a" and not (copy / "README.md").exists()
+        assert read(tmp_path / "copy")[0] == first  # stable
+        repo.commit({**files, "images/b.png": b"\x89PNG-b", "README.md": b"shapes"}, "second")
+        second, _ = read(tmp_path / "copy")
+        assert second != first and (copy / "b.png").read_bytes() == b"\x89PNG-b"
+    finally:
+        server.shutdown()
+    assert all(r["path"].startswith(("/api/", "/datasets/")) for r in state.requests)
