@@ -17,12 +17,15 @@ The run id comes from the pod's `pipeline/runid` label (T2I_RUN_ID, set by the D
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
 import sys
 import tempfile
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,11 +171,13 @@ def pack(ctx: Context, source: str, data: DataConfig, pack: PackConfig, shards) 
     from components.common import remote
 
     out = Path(shards.path)
-    with _scratch(ctx.store("sources", source)) as staging:
+    sources = ctx.store("sources", source)
+    store = ctx.store("pack", [source, data.model_dump(), pack.model_dump()])
+    with _locked(sources), _locked(store), _scratch(sources) as staging:
         local = Path(source) if data.dataset_name else remote.fetch(source, staging)
-        store = ctx.store("pack", [source, data.model_dump(), pack.model_dump()]) or out
-        report = stage.run(data, pack, local, store, source_name=data.dataset_name or source)
-    _mirror(store, out)
+        name = data.dataset_name or source
+        report = stage.run(data, pack, local, store or out, source_name=name)
+        _mirror(store or out, out)
     shards.metadata.update(source=source, samples=report.kept, **_key_metadata(ctx))
     ctx.note("pack", "done", report.summary(), written=report.written, shards=report.shards)
     print(report.summary())
@@ -182,9 +187,10 @@ def cache(ctx: Context, cache: CacheConfig, shards, base_model, latents) -> None
     from components import cache_latents as stage
 
     out = Path(latents.path)
-    store = ctx.store("cache", [_source(ctx), cache.model_dump()]) or out
-    report = stage.run(cache, Path(shards.path), Path(base_model.path), store)
-    _mirror(store, out)
+    store = ctx.store("cache", [_source(ctx), cache.model_dump()])
+    with _locked(store):
+        report = stage.run(cache, Path(shards.path), Path(base_model.path), store or out)
+        _mirror(store or out, out)
     ctx.note("cache", "done", report.summary(), encoded=report.shards_encoded)
     print(report.summary())
 
@@ -219,14 +225,15 @@ def train(ctx: Context, train: TrainConfig, latents, base_model, model, reports,
     from components import train_unet as stage
 
     checkpoints = ctx.store("checkpoints", [ctx.run_key, train.model_dump()])
-    report = stage.run(
-        train,
-        Path(latents.path),
-        Path(base_model.path),
-        Path(model.path),
-        Path(reports.path),
-        checkpoints or Path(reports.path) / "checkpoints",
-    )
+    with _locked(checkpoints):
+        report = stage.run(
+            train,
+            Path(latents.path),
+            Path(base_model.path),
+            Path(model.path),
+            Path(reports.path),
+            checkpoints or Path(reports.path) / "checkpoints",
+        )
     for key, value in dataclasses.asdict(report).items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             train_metrics.log_metric(key, float(value))
@@ -412,6 +419,28 @@ def _source(ctx: Context) -> str:
 def _key_metadata(ctx: Context) -> dict[str, str]:
     key = ctx.run_key or {}
     return {k: key[k] for k in ("data_fingerprint", "config_sha256") if k in key}
+
+
+@contextmanager
+def _locked(folder: Path | None) -> Iterator[None]:
+    """Hold `<folder>.lock` (an advisory lock on the workspace): a scheduled pipeline
+    never overlaps itself (max concurrency 1), but a manual submit may run beside it,
+    and two runs must not write one store at once. The second waits, then finds the
+    first's work done (unchanged shards, committed latents, a final checkpoint)."""
+    if folder is None:
+        yield
+        return
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_name(folder.name + ".lock"), "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another run to finish with {folder}", flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class _scratch:

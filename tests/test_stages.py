@@ -229,3 +229,24 @@ def test_a_retried_train_pod_resumes_from_its_checkpoint_on_the_workspace(
     other["run_key"] = json.dumps({**KEY, "data_fingerprint": "f" * 64})
     run_stage("train", other)
     assert other["train_metrics"].metrics["resumed_from_step"] == 0
+
+
+def test_two_runs_take_turns_on_a_workspace_store(tmp_path, capsys):
+    """A store is locked while a stage writes it: the second run waits for the first."""
+    import time
+
+    store = tmp_path / "ws" / "pack" / "abc"
+    order = []
+
+    def second():
+        with stages._locked(store):
+            order.append("second")
+
+    with stages._locked(store):
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        time.sleep(0.3)
+        order.append("first done")
+    waiter.join(timeout=5)
+    assert order == ["first done", "second"]
+    assert f"waiting for another run to finish with {store}" in capsys.readouterr().out
