@@ -141,7 +141,12 @@ def source_fingerprint(source: str, data: DataConfig) -> str:
 
 
 def decide(key: dict[str, Any], latest, retrain: str) -> tuple[bool, str]:
-    """Whether to train, and why, given the newest published version (or None)."""
+    """Whether to train, and why, given the newest published version (or None).
+    ConfigError for a `retrain` that is neither on_change nor always."""
+    if retrain not in ("on_change", "always"):
+        raise ConfigError(
+            f"pipeline parameter retrain: {retrain!r} is neither on_change nor always"
+        )
     if latest is None:
         return True, "nothing published yet"
     since = f"v{latest.version} ({latest.where})"

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from components.common.config import TrainConfig
+from components.common.errors import ConfigError
 from components.publish.latest import Published
 from pipelines import stages
 from pipelines.stages import Context, decide, run_stage, run_summary
@@ -49,6 +50,8 @@ def test_decide_trains_only_when_data_or_config_changed():
     assert decide(KEY, config, "on_change")[1].startswith("config changed since v3")
     outside = published({})  # published by `dvc repro`: no run key to compare with
     assert decide(KEY, outside, "on_change")[0] is True
+    with pytest.raises(ConfigError, match="retrain: 'sometimes' is neither"):
+        decide(KEY, same, "sometimes")
 
 
 def test_the_fingerprint_ignores_where_the_data_is_but_not_what_it_is(
