@@ -153,10 +153,24 @@ def image_warning(image: str) -> str | None:
     )
 
 
+def source_warning(params: Params) -> str | None:
+    """A relative path means nothing in a pod (the image holds no data)."""
+    from components.common.remote import is_remote
+
+    source = params.data.source
+    if params.data.dataset_name or is_remote(source) or Path(source).is_absolute():
+        return None
+    return (
+        f"warning: data.source {source} is a path on this machine; in the cluster use a URI "
+        "(s3://, gs://, hf://datasets/, dvc://) or an absolute path on pipeline.data_pvc"
+    )
+
+
 def dispatch(params: Params, args) -> str:
-    warning = image_warning(params.pipeline.image) if args.action != "run-local" else None
-    if warning:
-        print(warning, file=sys.stderr)
+    if args.action != "run-local":
+        for warning in (image_warning(params.pipeline.image), source_warning(params)):
+            if warning:
+                print(warning, file=sys.stderr)
     if args.action == "compile":
         target = compile_target(args)
         note = "" if target != LOCAL else f" (local values; {COMMITTED} is left as it is)"

@@ -464,8 +464,10 @@ def test_compile_warns_when_the_image_is_pinned_by_a_tag(tmp_path, capsys):
     )
     digest = "ghcr.io/t2i-pipeline/t2i-pipeline@sha256:" + "ab" * 32
     pinned = [*tagged[:-1], str(tmp_path / "b.yaml"), "--set", f"pipeline.image={digest}"]
-    assert main(pinned) == 0
+    assert main([*pinned, "--set", "data.source=s3://data/shapes"]) == 0
     assert "warning" not in capsys.readouterr().err
+    assert main([*pinned, "--set", "data.source=data/sample"]) == 0
+    assert "warning: data.source data/sample is a path on this machine" in capsys.readouterr().err
     spec, _ = load(tmp_path / "b.yaml")
     for executor in spec["deploymentSpec"]["executors"].values():
         env = {e["name"]: e["value"] for e in executor["container"]["env"]}
