@@ -62,9 +62,11 @@ def run_local(params: Params, root: Path) -> dict:
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     # Retries are for pods a cluster loses; here a failure is a bug or bad input: at once.
+    # kfp.local cannot create a PVC: the local workspace is a folder.
     no_retries = params.pipeline.retries.model_copy(update={"count": 0})
+    local_pipeline = {"retries": no_retries, "workspace_create": None}
     params = params.model_copy(
-        update={"pipeline": params.pipeline.model_copy(update={"retries": no_retries})}
+        update={"pipeline": params.pipeline.model_copy(update=local_pipeline)}
     )
     local.init(
         runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True

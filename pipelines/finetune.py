@@ -61,6 +61,7 @@ def build_pipeline(params: Params):
     ):
         summary = ops.summary_op(workspace=workspace).set_display_name("summary")
         with dsl.ExitHandler(summary, name="run"):
+            claim = _create_workspace(p)
             decision = ops.fingerprint_op(
                 source=source,
                 workspace=workspace,
@@ -74,6 +75,8 @@ def build_pipeline(params: Params):
                 publish_params=publish_params,
             )
             decision.set_display_name("fingerprint").set_caching_options(False)
+            if claim is not None:
+                decision.after(claim)
             with dsl.If(decision.outputs["Output"] == True, name="changed"):  # noqa: E712
                 parameters = dict(
                     data_params=data_params,
@@ -90,6 +93,23 @@ def build_pipeline(params: Params):
             place(task, stage, params)
 
     return finetune
+
+
+def _create_workspace(p):
+    """The CreatePVC task for `pipeline.workspace_create`, or None. It keeps KFP's cache
+    on: its inputs (name, size, class) are the same every run, so the first run creates
+    the PVC and later runs reuse that result instead of failing on "already exists"."""
+    if p.workspace_create is None:
+        return None
+    from kfp import kubernetes
+
+    claim = kubernetes.CreatePVC(
+        pvc_name=p.workspace_pvc,
+        access_modes=[p.workspace_create.access_mode],
+        size=p.workspace_create.size,
+        storage_class_name=p.workspace_create.storage_class,
+    )
+    return claim.set_display_name("workspace").set_caching_options(True)
 
 
 def _train_and_publish(ops, p, key, source, workspace, parameters) -> list[tuple[str, object]]:

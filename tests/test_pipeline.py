@@ -303,12 +303,17 @@ def _parquet(sample: Path, out: Path) -> Path:
 def test_run_local_accepts_a_parquet_file_source(tmp_path, sample_source, monkeypatch):
     """`dvc repro` packs a .parquet file; run-local must accept the same source."""
     parquet = _parquet(sample_source, tmp_path / "data.parquet")
-    seen = {}
+    seen, built = {}, []
     monkeypatch.setattr(
-        commands, "build_pipeline", lambda params: lambda **kw: seen.update(kw) or None
+        commands,
+        "build_pipeline",
+        lambda params: built.append(params) or (lambda **kw: seen.update(kw) or None),
     )
-    params = load_params(None, [f"data.source={parquet}"])
+    claim = "pipeline.workspace_create={storage_class: fast}"
+    params = load_params(None, [f"data.source={parquet}", claim])
     run_local(params, tmp_path / "root")
+    # kfp.local runs no CreatePVC and no retries: the workspace is a folder here.
+    assert built[0].pipeline.workspace_create is None and built[0].pipeline.retries.count == 0
     assert seen["source"] == str(parquet)
     # The fingerprint is the DAG's first task's (in the cluster), never a client argument.
     assert "source_fingerprint" not in seen
@@ -473,3 +478,35 @@ def test_compile_warns_when_the_image_is_pinned_by_a_tag(tmp_path, capsys):
         env = {e["name"]: e["value"] for e in executor["container"]["env"]}
         assert executor["container"]["image"] == digest
         assert env["T2I_IMAGE"] == digest and env["T2I_IMAGE_DIGEST"] == "sha256:" + "ab" * 32
+
+
+def test_the_run_can_create_its_workspace_pvc_once(tmp_path):
+    """pipeline.workspace_create: a cached CreatePVC task named after workspace_pvc runs
+    before the fingerprint; KFP's cache makes later runs reuse the PVC it created."""
+    params = load_params(
+        REPO / "params.yaml",
+        ["pipeline.workspace_create={size: 50Gi, storage_class: premium-rwo}"],
+    )
+    spec, platform = load(compile_pipeline(params, tmp_path / "p.yaml"))
+    tasks = all_tasks(spec)
+    claim = tasks["createpvc"]
+    assert claim["_in"] == "comp-exit-handler-1" and claim["taskInfo"]["name"] == "workspace"
+    assert claim["cachingOptions"] == {"enableCache": True}
+    inputs = {k: v["runtimeValue"]["constant"] for k, v in claim["inputs"]["parameters"].items()}
+    assert inputs == {
+        "pvc_name": "t2i-workspace",
+        "size": "50Gi",
+        "storage_class_name": "premium-rwo",
+        "access_modes": ["ReadWriteOnce"],
+    }
+    assert tasks["fingerprint-op"]["dependentTasks"] == ["createpvc"]
+    (mount,) = k8s_of(platform)["exec-train-op"]["pvcMount"]
+    assert mount["constant"] == "t2i-workspace"
+    assert "createpvc" not in all_tasks(load(COMPILED)[0])  # the default: an existing PVC
+    with pytest.raises(ConfigError, match="storage_class: Field required"):
+        load_params(None, ["pipeline.workspace_create={size: 50Gi}"])
+    with pytest.raises(ConfigError, match="workspace_create needs workspace_pvc"):
+        load_params(
+            None,
+            ["pipeline.workspace_create={storage_class: fast}", "pipeline.workspace_pvc=null"],
+        )

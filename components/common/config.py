@@ -359,6 +359,16 @@ class StorageSecret(Section):
     )
 
 
+class WorkspaceClaim(Section):
+    """The workspace PVC, created by the first run that finds no KFP cache entry for it
+    (kfp-kubernetes CreatePVC, cached: later runs reuse it). `storage_class` is
+    required: an empty class means a statically provisioned volume."""
+
+    size: str = Field("200Gi", pattern=_QUANTITY)
+    storage_class: str = Field(pattern=_K8S_NAME)
+    access_mode: Literal["ReadWriteOnce", "ReadWriteMany"] = "ReadWriteOnce"
+
+
 class PipelineConfig(Section):
     name: str = "t2i-finetune"
     # The project image every KFP component runs; pin a tag or digest, never :latest.
@@ -378,6 +388,9 @@ class PipelineConfig(Section):
     # and the run notes the summary reads. null: no workspace (every run starts afresh).
     workspace_pvc: str | None = Field("t2i-workspace", pattern=_K8S_NAME)
     workspace_path: str = Field("/workspace", pattern=r"^/")
+    # null: workspace_pvc exists already (kubectl apply -f pipelines/k8s/workspace-pvc.yaml);
+    # {size, storage_class, access_mode}: the run creates it (once; then reused).
+    workspace_create: WorkspaceClaim | None = None
     # Data on a volume: an existing PVC mounted at data_path in fingerprint and pack
     # (data.source then names a path under it, e.g. /data/shapes).
     data_pvc: str | None = Field(None, pattern=_K8S_NAME)
@@ -404,6 +417,12 @@ class PipelineConfig(Section):
                 merged[stage] = given
             return merged
         return v
+
+    @model_validator(mode="after")
+    def _create_needs_a_name(self) -> PipelineConfig:
+        if self.workspace_create is not None and not self.workspace_pvc:
+            raise ValueError("workspace_create needs workspace_pvc: the name of the PVC to create")
+        return self
 
     @field_validator("image")
     @classmethod
