@@ -13,7 +13,7 @@ import traceback
 from pathlib import Path
 
 from components.common.config import load_params
-from components.common.errors import ConfigError, T2IError
+from components.common.errors import ConfigError, T2IError, first_line
 
 
 def _base_model(p, a):
@@ -224,7 +224,7 @@ def _fail(err: Exception, debug: bool) -> None:
     if debug:
         traceback.print_exc()
     known = isinstance(err, T2IError)
-    detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    detail = first_line(err)
     cause = detail if known else f"{type(err).__name__}: {detail}"
     hint = "" if known or debug else " (run with --debug for the traceback)"
     print(f"t2i: error: {cause}{hint}", file=sys.stderr)

@@ -59,34 +59,25 @@ def build_pipeline(params: Params):
         evaluate_params: str = _json(params.evaluate),
         publish_params: str = _json(params.publish),
     ):
+        parameters = dict(
+            data_params=data_params,
+            model_params=model_params,
+            pack_params=pack_params,
+            cache_params=cache_params,
+            train_params=train_params,
+            evaluate_params=evaluate_params,
+            publish_params=publish_params,
+        )
         summary = ops.summary_op(workspace=workspace).set_display_name("summary")
         with dsl.ExitHandler(summary, name="run"):
             claim = _create_workspace(p)
             decision = ops.fingerprint_op(
-                source=source,
-                workspace=workspace,
-                retrain=retrain,
-                data_params=data_params,
-                model_params=model_params,
-                pack_params=pack_params,
-                cache_params=cache_params,
-                train_params=train_params,
-                evaluate_params=evaluate_params,
-                publish_params=publish_params,
+                source=source, workspace=workspace, retrain=retrain, **parameters
             )
             decision.set_display_name("fingerprint").set_caching_options(False)
             if claim is not None:
                 decision.after(claim)
             with dsl.If(decision.outputs["Output"] == True, name="changed"):  # noqa: E712
-                parameters = dict(
-                    data_params=data_params,
-                    model_params=model_params,
-                    pack_params=pack_params,
-                    cache_params=cache_params,
-                    train_params=train_params,
-                    evaluate_params=evaluate_params,
-                    publish_params=publish_params,
-                )
                 key = decision.outputs["key"]
                 stages = _train_and_publish(ops, p, key, source, workspace, parameters)
         for stage, task in [("summary", summary), ("fingerprint", decision), *stages]:

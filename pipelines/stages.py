@@ -40,7 +40,7 @@ from components.common.config import (
     TrainConfig,
     validate_section,
 )
-from components.common.errors import ConfigError, T2IError
+from components.common.errors import ConfigError, T2IError, first_line
 from components.common.io import sha256_json, write_json_atomic
 
 SECTIONS = {
@@ -293,11 +293,12 @@ def publish(ctx: Context, publish: PublishConfig, model, evaluation, receipt) ->
 def summary(ctx: Context, status, summary) -> None:
     """The exit handler: what ran, what was skipped and why, what was published; to the
     `summary` artifact, the run's workspace folder, the log and the webhook."""
-    doc = run_summary(ctx.run_dir(), status.state, status.error_message)
+    run_dir = ctx.run_dir()
+    doc = run_summary(run_dir, status.state, status.error_message)
     Path(summary.path).parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(Path(summary.path), doc)
-    if ctx.run_dir() is not None:
-        write_json_atomic(ctx.run_dir() / "summary.json", doc)
+    if run_dir is not None:
+        write_json_atomic(run_dir / "summary.json", doc)
     print(doc["text"])
     url = os.environ.get(NOTIFY_ENV, "")
     if url:
@@ -338,7 +339,7 @@ def run_summary(run_dir: Path | None, state: str, error: str | None = None) -> d
     elif gate is False:
         head += ": the evaluation gate failed, nothing published"
     if error:
-        head += f" ({error.strip().splitlines()[0]})"
+        head += f" ({first_line(error)})"
     return {
         "state": state,
         "error": error or None,
@@ -448,21 +449,14 @@ def _locked(folder: Path | None) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-class _scratch:
+@contextmanager
+def _scratch(folder: Path | None) -> Iterator[Path]:
     """`folder` (kept), or a temporary folder removed afterwards when `folder` is None."""
-
-    def __init__(self, folder: Path | None):
-        self.folder, self.tmp = folder, None
-
-    def __enter__(self) -> Path:
-        if self.folder is not None:
-            return self.folder
-        self.tmp = tempfile.mkdtemp(prefix="t2i-source-")
-        return Path(self.tmp)
-
-    def __exit__(self, *exc) -> None:
-        if self.tmp:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+    if folder is not None:
+        yield folder
+        return
+    with tempfile.TemporaryDirectory(prefix="t2i-source-") as tmp:
+        yield Path(tmp)
 
 
 def _mirror(src: Path, dst: Path) -> None:

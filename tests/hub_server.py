@@ -262,13 +262,20 @@ class Handler(BaseHTTPRequestHandler):
             },
         )
 
-    def tree(self, repo, rev, body, head, sub=None):
-        r = self._repo(repo, write=False)
+    def _commit_at(self, repo: str, rev: str, head=False) -> dict | None:
+        """The repo's commit at `rev`, or None after answering 401/403/404."""
+        r = self._repo(repo, write=False, head=head)
         if r is None:
-            return
+            return None
         commit = r.at(rev)
         if commit is None:
-            return self._error(404, "Revision not found", "RevisionNotFound")
+            self._error(404, "Revision not found", "RevisionNotFound", head=head)
+        return commit
+
+    def tree(self, repo, rev, body, head, sub=None):
+        commit = self._commit_at(repo, rev)
+        if commit is None:
+            return
         entries = self._entries(commit)
         if sub:
             entries = [e for e in entries if e["path"].startswith(sub.rstrip("/") + "/")]
@@ -293,12 +300,9 @@ class Handler(BaseHTTPRequestHandler):
         ]
 
     def paths_info(self, repo, rev, body, head):
-        r = self._repo(repo, write=False)
-        if r is None:
-            return
-        commit = r.at(rev)
+        commit = self._commit_at(repo, rev)
         if commit is None:
-            return self._error(404, "Revision not found", "RevisionNotFound")
+            return
         from urllib.parse import parse_qs
 
         wanted = parse_qs(body.decode()).get("paths", [])  # a form: paths=a&paths=b&expand=
@@ -382,12 +386,9 @@ class Handler(BaseHTTPRequestHandler):
         self._json(200, {})
 
     def resolve(self, repo, rev, file, body, head):
-        r = self._repo(repo, write=False, head=head)
-        if r is None:
-            return
-        commit = r.at(rev)
+        commit = self._commit_at(repo, rev, head=head)
         if commit is None:
-            return self._error(404, "Revision not found", "RevisionNotFound", head=head)
+            return
         data = commit["files"].get(file)
         if data is None:
             return self._error(404, "Entry not found", "EntryNotFound", head=head)

@@ -286,6 +286,19 @@ def test_compile_with_overrides_leaves_the_committed_yaml_alone(tmp_path, monkey
     assert committed.read_text() == COMPILED.read_text()
 
 
+# A local DAG run in seconds: a few VAE and train steps, one sampling step, small shards.
+SMALL_RUN = [
+    "model.tiny_vae_steps=8",
+    "train.max_train_steps=4",
+    "train.train_batch_size=4",
+    "evaluate.num_inference_steps=1",
+    "evaluate.prompts=[a red circle]",
+    "evaluate.heldout_captions=4",
+    "pack.val_fraction=0.2",
+    "pack.shard_max_samples=8",
+]
+
+
 def _parquet(sample: Path, out: Path) -> Path:
     """The sample folder as one parquet file (image bytes + text)."""
     import datasets
@@ -331,14 +344,7 @@ def test_run_local_completes_with_every_artifact(tmp_path, sample_source, monkey
         None,
         [
             f"data.source={parquet}",
-            "model.tiny_vae_steps=8",
-            "train.max_train_steps=4",
-            "train.train_batch_size=4",
-            "evaluate.num_inference_steps=1",
-            "evaluate.prompts=[a red circle]",
-            "evaluate.heldout_captions=4",
-            "pack.val_fraction=0.2",
-            "pack.shard_max_samples=8",
+            *SMALL_RUN,
             "pipeline.cache_workers=2",  # the ParallelFor + merge path (default: one task)
             f"publish.registry={tmp_path / 'registry'}",
         ],
@@ -418,14 +424,7 @@ def test_scheduled_runs_train_only_when_the_data_changed(tmp_path, s3, monkeypat
         None,
         [
             "data.source=s3://data/shapes",
-            "model.tiny_vae_steps=8",
-            "train.max_train_steps=4",
-            "train.train_batch_size=4",
-            "evaluate.num_inference_steps=1",
-            "evaluate.prompts=[a red circle]",
-            "evaluate.heldout_captions=4",
-            "pack.val_fraction=0.2",
-            "pack.shard_max_samples=8",
+            *SMALL_RUN,
             "publish.from_experiments=true",
             f"publish.registry={tmp_path / 'registry'}",
         ],

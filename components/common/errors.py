@@ -7,3 +7,11 @@ class T2IError(Exception):
 
 class ConfigError(T2IError):
     """A usage or config error: a bad flag, key, type or value (exit status 2)."""
+
+
+def first_line(text: object, limit: int | None = None) -> str:
+    """The first line of `text` (an error's message), at most `limit` characters: what
+    a one-line failure quotes from a library's longer message."""
+    lines = str(text).strip().splitlines()
+    line = lines[0] if lines else ""
+    return line[:limit] if limit else line

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
-from components.common.errors import ConfigError, T2IError
+from components.common.errors import ConfigError, T2IError, first_line
 from components.common.io import sha256_file, sha256_json, sha256_tree, write_json_atomic
 
 REMOTE_SCHEMES = ("s3", "gs", "gcs", "hf", "dvc")
@@ -103,17 +103,18 @@ def fingerprint(uri: str) -> str:
         if path.is_file():
             return sha256_file(path)
         raise ConfigError(f"data.source {uri}: no such folder or file")
+    info = _info(src, src.path)
     if src.scheme == "dvc":
-        info = _info(src, src.path)
         md5 = info.get("md5") or (info.get("dvc_info") or {}).get("md5")
         if md5:  # a tracked directory (or file): its md5 at the revision, nothing read
             return sha256_json({"dvc_md5": md5})
-    return sha256_json(sorted(listing(src).items()))
+    return sha256_json(sorted(listing(src, info).items()))
 
 
-def listing(src: Source) -> dict[str, str]:
-    """{path relative to the source: content token} of every file under the source."""
-    info = _info(src, src.path)
+def listing(src: Source, info: dict[str, Any] | None = None) -> dict[str, str]:
+    """{path relative to the source: content token} of every file under the source
+    (`info`: the source's own entry, when the caller has read it already)."""
+    info = info if info is not None else _info(src, src.path)
     if info.get("type") != "directory":
         return {Path(src.path).name: _token(src, info)}
     try:
@@ -141,9 +142,10 @@ def fetch(uri: str, dest: Path) -> Path:
         return Path(uri)
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    wanted = listing(src)
+    info = _info(src, src.path)
+    wanted = listing(src, info)
     had = _previous_listing(_listing_file(dest))
-    single = _info(src, src.path).get("type") != "directory"
+    single = info.get("type") != "directory"
     for rel, token in wanted.items():
         target = dest / rel
         if had.get(rel) == token and target.is_file():
@@ -206,5 +208,4 @@ def _previous_listing(path: Path) -> dict[str, str]:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
+    return first_line(e) or type(e).__name__

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from components.common.config import PublishConfig
-from components.common.errors import ConfigError, T2IError
+from components.common.errors import ConfigError, T2IError, first_line
 from components.common.models import hub_offline
 from components.common.records import LINEAGE, HubPublication
 
@@ -208,7 +208,7 @@ class _Caller:
         )
 
     def _failed(self, operation: str, what: str, attempts: int, err: Exception) -> T2IError:
-        detail = _first_line(getattr(err, "server_message", None) or "")
+        detail = first_line(getattr(err, "server_message", None) or "", 200)
         detail = detail.replace(self.token, "***") if detail else ""
         tries = f" after {attempts} attempts" if attempts > 1 else ""
         return T2IError(
@@ -220,7 +220,3 @@ class _Caller:
 def _status(err: Exception) -> int | None:
     response = getattr(err, "response", None)
     return getattr(response, "status_code", None)
-
-
-def _first_line(text: str) -> str:
-    return text.strip().splitlines()[0][:200] if text.strip() else ""
