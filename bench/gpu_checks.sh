@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark, in one call on a lent device machine (see
-# docs/PERFORMANCE.md). Needs the wheels the image lacks in .whl/ (diffusers, pydantic):
+# docs/PERFORMANCE.md). Needs the wheels the image lacks in .whl/ (diffusers, pydantic, peft):
 # carried by the device tool. Results land in $OUT (or ./bench-out).
 #   bash bench/gpu_checks.sh [e2e] [cache] [train] [switches]   (default: the first three)
 set -u
@@ -66,6 +66,11 @@ if [[ $SECTIONS == *" train "* ]]; then
     --variants upstream base plain_adam --json "$OUT/mini.jsonl"
   bench 200 --model sd15 --resolution 512 --batch 8 16 32 --steps 6 --warmup 3 \
     --variants upstream base --json "$OUT/sd15.jsonl"
+  # LoRA vs full fine-tuning (img/s and peak memory), rank 4 and 64.
+  bench 200 --model sd15 --resolution 512 --batch 8 32 --steps 6 --warmup 3 \
+    --variants base lora --lora-rank 4 --json "$OUT/sd15_lora4.jsonl"
+  bench 120 --model sd15 --resolution 512 --batch 32 --steps 6 --warmup 3 \
+    --variants lora --lora-rank 64 --json "$OUT/sd15_lora64.jsonl"
   if [[ $SECTIONS == *" switches "* ]]; then
     bench 120 --model sd15 --resolution 512 --batch 32 --steps 6 --warmup 3 \
       --variants plain_adam channels_last grad_ckpt --json "$OUT/sd15_switches.jsonl"

@@ -13,7 +13,12 @@ a table; `--json FILE` writes them all.
         --variants base upstream plain_adam xformers channels_last grad_ckpt compile
 
 Variants other than `upstream` are ours with one change: `plain_adam` uses the
-recipe's (unfused) AdamW; the others add one switch.
+recipe's (unfused) AdamW; `lora` trains a rank `--lora-rank` adapter on the frozen
+UNet (held in `--dtype`), as `train.lora_rank` does; the others add one switch.
+Each row says how many parameters train and what their fp32 state costs (weights,
+gradients, AdamW moments): the memory LoRA saves, on any device.
+
+    python bench/train_step.py --model mini --resolution 128 --variants base lora upstream
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from components.common.config import TrainConfig  # noqa: E402
 from components.train_unet import StepDraws, training_loss  # noqa: E402
+from components.train_unet.lora import add_adapter, trainable  # noqa: E402
 from components.train_unet.setup import make_optimizer  # noqa: E402
 
 SD15_TFLOP_PER_SAMPLE = 2.41  # fwd+bwd of the SD 1.5 UNet at 64x64x4 latents
@@ -147,10 +153,13 @@ def time_variant(args, models, variant: str, batch: int) -> dict:
     with torch.no_grad():
         dist = vae.encode(pixels).latent_dist
     cached = {"mean": dist.mean.float(), "logvar": dist.logvar.float(), "input_ids": ids}
+    if variant == "lora":
+        unet = lora_unet(unet, args.lora_rank, dtype)
+    params = trainable(unet)
     if variant in ("upstream", "plain_adam"):  # the recipe's torch.optim.AdamW defaults
-        opt = torch.optim.AdamW(unet.parameters(), lr=1e-5)
+        opt = torch.optim.AdamW(params, lr=1e-5)
     else:  # what `t2i train` builds (fused AdamW)
-        opt = make_optimizer(TrainConfig(learning_rate=1e-5), unet.parameters(), 1e-5, device)
+        opt = make_optimizer(TrainConfig(learning_rate=1e-5), params, 1e-5, device)
     step_unet = unet
     if variant == "compile":
         step_unet = torch.compile(unet)
@@ -198,6 +207,9 @@ def time_variant(args, models, variant: str, batch: int) -> dict:
         "device": device_name(device),
         "step_s": round(step_s, 4),
         "img_s": round(batch / step_s, 2),
+        "trainable_params": sum(p.numel() for p in params),
+        # fp32 weights + gradients + AdamW's two moments of what trains
+        "train_state_mib": round(sum(p.numel() for p in params) * 16 / 2**20, 1),
     }
     if device == "cuda":
         row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -208,6 +220,15 @@ def time_variant(args, models, variant: str, batch: int) -> dict:
     else:
         row["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     return row
+
+
+def lora_unet(unet, rank: int, dtype):
+    """A copy of `unet`, frozen in `dtype`, with the rank-`rank` adapter `t2i train` adds."""
+    import copy
+
+    unet = copy.deepcopy(unet).to(dtype)
+    add_adapter(unet, TrainConfig(lora_rank=rank))
+    return unet
 
 
 def device_name(device: str) -> str:
@@ -246,6 +267,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--variants", nargs="+", default=["base", "upstream"])
+    ap.add_argument("--lora-rank", type=int, default=4)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     if args.device == "cuda":

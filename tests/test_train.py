@@ -363,10 +363,13 @@ def test_sigkill_then_resume_is_bit_exact(straight_run, latents, tiny_model, tmp
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_equal_one_with_twice_the_batch(latents, tiny_model, tmp_path):
+@pytest.mark.parametrize("lora", [{}, {"lora_rank": 4, "lora_merge": True}], ids=["full", "lora"])
+def test_two_gloo_processes_equal_one_with_twice_the_batch(latents, tiny_model, tmp_path, lora):
+    """DDP: full fine-tuning, and a LoRA adapter (compared through its merged UNet)."""
     from components.cli import main
 
     common = {"max_train_steps": 3, "data_streams": 2, "report_to": "none", "shuffle_buffer": 8}
+    common |= lora
     one = TRAIN.model_copy(update={**common, "train_batch_size": 8})
     train_unet.run(one, latents, tiny_model, tmp_path / "one", tmp_path / "r1", tmp_path / "c1")
     sets = [f"train.{k}={v}" for k, v in {**common, "train_batch_size": 4}.items()]

@@ -130,6 +130,17 @@ class TrainConfig(Section):
     dream_training: bool = False
     dream_detail_preservation: float = Field(1.0, ge=0)
     proportion_empty_prompts: float = Field(0.0, ge=0, le=1)
+    # LoRA (peft): 0 fine-tunes the whole UNet; r > 0 trains a rank-r adapter on the
+    # lora_target_modules (default: the attention projections, as diffusers' LoRA
+    # recipe) and writes it as pytorch_lora_weights.safetensors; lora_merge also writes
+    # the base pipeline with the adapter merged in. lora_alpha null: = lora_rank.
+    lora_rank: int = Field(0, ge=0, le=1024)
+    lora_alpha: float | None = Field(None, gt=0)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    lora_target_modules: list[str] = Field(
+        default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"], min_length=1
+    )
+    lora_merge: bool = False
     # EMA.
     use_ema: bool = False
     offload_ema: bool = False
@@ -164,6 +175,13 @@ class TrainConfig(Section):
             raise ValueError("offload_ema needs use_ema: true")
         if self.non_ema_revision and not self.use_ema:
             raise ValueError("non_ema_revision needs use_ema: true")
+        if not self.lora_rank and (self.lora_merge or self.lora_alpha or self.lora_dropout):
+            raise ValueError("lora_alpha, lora_dropout and lora_merge need lora_rank > 0")
+        if self.lora_rank and self.non_ema_revision:
+            raise ValueError(
+                "non_ema_revision picks the UNet a full fine-tune starts from; a LoRA adapter "
+                "(lora_rank > 0) trains on the base UNet: remove one of them"
+            )
         return self
 
 

@@ -97,3 +97,45 @@ def weights_sha256(path: Path, part: str) -> str:
 
 
 _PROVENANCE_KEYS = {"_name_or_path", "_diffusers_version", "transformers_version"}
+
+
+# A LoRA adapter in diffusers format (`pipeline.load_lora_weights(folder)` finds it).
+ADAPTER_WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+def is_adapter(model: Path) -> bool:
+    """The trained model folder holds a LoRA adapter (perhaps beside a merged pipeline)."""
+    return (Path(model) / ADAPTER_WEIGHTS).is_file()
+
+
+def trained_weights_sha256(model: Path) -> str:
+    """The identity of what training produced: the adapter file's hash for a LoRA run,
+    else the UNet's `weights_sha256`. Receipts, registries and the Hub dedupe on it."""
+    from components.common.io import sha256_file
+
+    if is_adapter(model):
+        return sha256_file(Path(model) / ADAPTER_WEIGHTS)
+    return weights_sha256(model, "unet")
+
+
+def load_pipeline(model: Path, base: Path | None = None, **options):
+    """A StableDiffusionPipeline of a trained model folder: the folder itself, or for a
+    LoRA adapter `base` with the adapter loaded (and the run's scheduler config, which
+    may set another prediction type). T2IError when `base` is missing."""
+    from diffusers import StableDiffusionPipeline
+
+    model = Path(model)
+    if not is_adapter(model):
+        return StableDiffusionPipeline.from_pretrained(check_model_dir(model), **options)
+    if base is None:
+        raise T2IError(f"{model}: a LoRA adapter; the base model it applies to is needed")
+    pipe = StableDiffusionPipeline.from_pretrained(check_model_dir(base), **options)
+    pipe.load_lora_weights(model, weight_name=ADAPTER_WEIGHTS)
+    trained = model / "scheduler" / "scheduler_config.json"
+    if trained.is_file():  # train.prediction_type may differ from the base's
+        import json
+
+        prediction = json.loads(trained.read_text()).get("prediction_type")
+        if prediction:
+            pipe.scheduler.register_to_config(prediction_type=prediction)
+    return pipe

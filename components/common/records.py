@@ -214,8 +214,24 @@ def read_base_model_record(model: Path) -> BaseModelRecord | None:
 # -- train --------------------------------------------------------------------------
 
 
+class AdapterRecord(Record):
+    """A LoRA adapter: what it is and the UNet it applies to. The model folder holds
+    `weights` (diffusers format, for `pipeline.load_lora_weights`) and, when `merged`,
+    the base pipeline with the adapter merged into its UNet."""
+
+    kind: Literal["lora"] = "lora"
+    weights: str  # file name in the model folder
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    merged: bool
+    base_unet_sha256: str  # weights_sha256 of the UNet it was trained on
+
+
 class TrainRecord(Versioned):
-    """What a trained model is: its config, how far it went, and what it came from."""
+    """What a trained model is: its config, how far it went, and what it came from.
+    `unet_sha256` identifies the trained weights: the UNet's hash, or for an adapter
+    the hash of its weights file."""
 
     unet_sha256: str
     config: dict[str, Any]
@@ -232,6 +248,7 @@ class TrainRecord(Versioned):
     latents: CacheLineage
     pack: PackLineage
     environment: dict[str, Any]
+    adapter: AdapterRecord | None = None  # set for a LoRA run (train.lora_rank > 0)
 
 
 def read_train_record(model: Path) -> TrainRecord:

@@ -17,9 +17,14 @@ import torch
 from PIL import Image, ImageDraw
 
 from components.common.config import EvaluateConfig, GateConfig
-from components.common.errors import ConfigError
+from components.common.errors import ConfigError, T2IError
 from components.common.io import atomic_path, write_bytes_atomic, write_json_atomic
-from components.common.models import check_model_dir, default_device, weights_sha256
+from components.common.models import (
+    default_device,
+    load_pipeline,
+    trained_weights_sha256,
+    weights_sha256,
+)
 from components.common.objective import denoising_loss, text_conditioning
 from components.common.records import (
     EVALUATION_RECORD,
@@ -27,6 +32,7 @@ from components.common.records import (
     EvalSample,
     EvaluationRecord,
     GateCheck,
+    TrainRecord,
     load_latent_split,
     read_latent_manifest,
     read_train_record,
@@ -72,9 +78,9 @@ def run(
     ConfigError for bad settings (models that do not load, too few held-out samples)
     before any sampling, T2IError for missing inputs.
     """
-    from diffusers import StableDiffusionPipeline
-
     out = Path(out)
+    train = read_train_record(model)
+    check_adapter_base(train, base_model)
     manifest = read_latent_manifest(latents)
     val = load_latent_split(latents, "val")
     if not val:
@@ -83,8 +89,8 @@ def run(
     device = default_device()
     scorers = load_scorers(cfg, device)
     pipes = {
-        name: StableDiffusionPipeline.from_pretrained(check_model_dir(path)).to(device)
-        for name, path in (("base", base_model), ("tuned", model))
+        "base": load_pipeline(base_model).to(device),
+        "tuned": load_pipeline(model, base_model).to(device),  # an adapter: base + adapter
     }
     per_t = {
         name: held_out_loss(p, val, cfg, manifest.vae_scaling_factor) for name, p in pipes.items()
@@ -112,11 +118,10 @@ def run(
     with atomic_path(out / "grid.png", ".png") as tmp:
         grid.save(tmp, "PNG")
     by_prompt = _clip_by_prompt(cfg, jobs, clip)
-    train = read_train_record(model)
     page = render_report(
         title="Evaluation: base vs fine-tuned",
         details=[
-            ("model", str(model)),
+            ("model", str(model) + (" (LoRA adapter on the base)" if train.adapter else "")),
             ("steps", str(train.steps)),
             ("held-out latents", str(len(val))),
             ("held-out images", str(len(held_jobs))),
@@ -145,7 +150,7 @@ def run(
         with atomic_path(Path(metrics_dir) / "grid.png", ".png") as tmp:
             grid.save(tmp, "PNG")
     record = EvaluationRecord(
-        unet_sha256=weights_sha256(model, "unet"),
+        unet_sha256=trained_weights_sha256(model),
         metrics={k: float(v) for k, v in metrics.items() if not isinstance(v, bool)},
         comparisons=comparisons,
         checks=checks,
@@ -156,6 +161,16 @@ def run(
     )
     write_record(record, out / EVALUATION_RECORD)
     return report
+
+
+def check_adapter_base(train: TrainRecord, base_model: Path) -> None:
+    """T2IError when `train` is a LoRA adapter made for another UNet than `base_model`'s
+    (its numbers would describe a model nobody can load)."""
+    if train.adapter and weights_sha256(base_model, "unet") != train.adapter.base_unet_sha256:
+        raise T2IError(
+            f"{base_model}: not the base model the LoRA adapter was trained on (its UNet "
+            "differs); evaluate with the train stage's --model"
+        )
 
 
 def _comparisons(losses, clip, dist) -> list[Comparison]:

@@ -25,7 +25,12 @@ from typing import Any
 from components.common.config import PublishConfig
 from components.common.errors import ConfigError, T2IError
 from components.common.io import json_bytes
-from components.common.models import check_model_dir, weights_sha256
+from components.common.models import (
+    ADAPTER_WEIGHTS,
+    check_model_dir,
+    is_adapter,
+    trained_weights_sha256,
+)
 from components.common.records import (
     EVALUATION_RECORD,
     LINEAGE,
@@ -82,7 +87,7 @@ def run(
     (out / RECEIPT).unlink(missing_ok=True)
     check_complete(model)
     train, evaluation = read_train_record(model), read_evaluation_record(eval_dir)
-    unet_sha = weights_sha256(model, "unet")
+    unet_sha = trained_weights_sha256(model)
     if evaluation.unet_sha256 != unet_sha:
         raise T2IError(
             f"{eval_dir / EVALUATION_RECORD}: evaluates another model than {model}; "
@@ -186,9 +191,17 @@ def _publish_to_registry(cfg, files: dict[str, Path], docs: _Documents, receipt:
 
 
 def check_complete(model: Path) -> None:
-    """T2IError naming what a model folder lacks (a crashed or partial copy)."""
-    check_model_dir(model)
-    missing = [g for g in _REQUIRED if not any(Path(model).glob(g))]
+    """T2IError naming what a model folder lacks (a crashed or partial copy): a
+    pipeline, or a LoRA adapter (+ a merged pipeline when its record says so)."""
+    required = _REQUIRED
+    if is_adapter(model):
+        required = [ADAPTER_WEIGHTS, TRAIN_RECORD]
+        adapter = read_train_record(model).adapter
+        if adapter is not None and adapter.merged:
+            required += _REQUIRED
+    else:
+        check_model_dir(model)
+    missing = [g for g in required if not any(Path(model).glob(g))]
     if missing:
         raise T2IError(
             f"{model}: incomplete model folder (lacks {', '.join(missing)}); "

@@ -30,6 +30,7 @@ _SETTINGS = [
     "gradient_checkpointing",
     "seed",
 ]
+_LORA_SETTINGS = ["lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_merge"]
 
 
 def render_card(
@@ -73,14 +74,15 @@ def card_metadata(model_name: str, license_: str | None, train, evaluation):
     ]
     extra: dict[str, Any] = {}
     if base is not None and base.hub_id:
-        extra.update(base_model=base.hub_id, base_model_relation="finetune")
+        relation = "adapter" if train.adapter else "finetune"
+        extra.update(base_model=base.hub_id, base_model_relation=relation)
     if dataset:
         extra["datasets"] = [dataset]
     return ModelCardData(
         license=license_,
         library_name="diffusers",
         pipeline_tag="text-to-image",
-        tags=TAGS,
+        tags=TAGS + (["lora"] if train.adapter else []),
         widget=[  # one per prompt: its first seed
             {"text": s.prompt, "output": {"url": f"eval/{s.images['tuned']}"}}
             for s in {s.prompt: s for s in reversed(evaluation.samples)}.values()
@@ -102,30 +104,21 @@ def _body(load: str, name, version, train: TrainRecord, evaluation: EvaluationRe
     elif base is not None and base.source != "tiny":
         base_desc = f"a local model (`{base.source}`)"
     source = train.pack.dataset_name or train.pack.source
+    settings = _SETTINGS + (_LORA_SETTINGS if train.adapter else [])
     lines = [
         f"# {name} (version {version})",
         "",
-        f"A text-to-image model: the UNet of {base_desc}, fine-tuned with "
-        "t2i-pipeline (the diffusers "
-        f"`train_text_to_image.py` recipe) for {train.steps} steps on `{source}`. "
-        "The VAE, text encoder and tokenizer are the base model's, unchanged.",
+        *_intro(base_desc, train, source),
         "",
         "## Usage",
         "",
-        "```python",
-        "import torch",
-        "from diffusers import StableDiffusionPipeline",
-        "",
-        f'pipe = StableDiffusionPipeline.from_pretrained("{load}", torch_dtype=torch.float16)',
-        'pipe = pipe.to("cuda")',
-        f'image = pipe("{_first_prompt(evaluation)}").images[0]',
-        "```",
+        *_usage(load, base, train, evaluation),
         "",
         "## Training settings",
         "",
         "| setting | value |",
         "|---|---|",
-        *[f"| `{k}` | `{train.config.get(k)}` |" for k in _SETTINGS if k in train.config],
+        *[f"| `{k}` | `{train.config.get(k)}` |" for k in settings if k in train.config],
         f"| steps | {train.steps}{_resumed(train)} |",
         f"| loss | {train.initial_loss:.4f} -> {train.final_loss:.4f} |",
         f"| config hash | `{train.config_sha256[:16]}` |",
@@ -160,6 +153,56 @@ def _body(load: str, name, version, train: TrainRecord, evaluation: EvaluationRe
         "",
     ]
     return "\n".join(lines)
+
+
+def _intro(base_desc: str, train: TrainRecord, source: str) -> list[str]:
+    recipe = (
+        "with t2i-pipeline (the diffusers `train_text_to_image.py` recipe) for "
+        f"{train.steps} steps on `{source}`."
+    )
+    if train.adapter is None:
+        return [
+            f"A text-to-image model: the UNet of {base_desc}, fine-tuned {recipe} "
+            "The VAE, text encoder and tokenizer are the base model's, unchanged."
+        ]
+    a = train.adapter
+    merged = (
+        " This repository also holds the base pipeline with the adapter merged into its UNet."
+        if a.merged
+        else ""
+    )
+    return [
+        f"A LoRA adapter (rank {a.rank}, alpha {a.alpha:g}, on {', '.join(a.target_modules)}) "
+        f"for the UNet of {base_desc}, trained {recipe} The base model is unchanged: load "
+        f"it, then this adapter (`{a.weights}`).{merged}"
+    ]
+
+
+def _usage(load: str, base, train: TrainRecord, evaluation: EvaluationRecord) -> list[str]:
+    first = [
+        "```python",
+        "import torch",
+        "from diffusers import StableDiffusionPipeline",
+        "",
+    ]
+    last = [
+        'pipe = pipe.to("cuda")',
+        f'image = pipe("{_first_prompt(evaluation)}").images[0]',
+        "```",
+    ]
+    if train.adapter is None:
+        return [
+            *first,
+            f'pipe = StableDiffusionPipeline.from_pretrained("{load}", torch_dtype=torch.float16)',
+            *last,
+        ]
+    base_id = base.hub_id if base is not None and base.hub_id else "path/to/the/base/model"
+    return [
+        *first,
+        f'pipe = StableDiffusionPipeline.from_pretrained("{base_id}", torch_dtype=torch.float16)',
+        f'pipe.load_lora_weights("{load}")',
+        *last,
+    ]
 
 
 def _resumed(train: TrainRecord) -> str:

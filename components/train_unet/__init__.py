@@ -24,7 +24,7 @@ import torch
 
 from components.common.config import TrainConfig
 from components.common.io import atomic_dir, sha256_json
-from components.common.models import weights_sha256
+from components.common.models import trained_weights_sha256, weights_sha256
 from components.common.progress import progress
 from components.common.records import (
     BASE_MODEL_RECORD,
@@ -36,7 +36,7 @@ from components.common.records import (
     verify_latents,
     write_record,
 )
-from components.train_unet import checkpoints
+from components.train_unet import checkpoints, lora
 from components.train_unet.data import LatentStream
 from components.train_unet.monitor import (
     LossLog,
@@ -143,9 +143,12 @@ def run(
     if r.accelerator.is_main_process:
         unet = r.accelerator.unwrap_model(r.unet)
         if r.models.ema is not None:
-            r.models.ema.copy_to(unet.parameters())
-        record = _record(r, report, log.rows)
-        save_pipeline(model, unet, r.models.noise_scheduler, out, record)
+            r.models.ema.copy_to(lora.trainable(unet))
+        record = _record(r, report, log.rows, trained_unet)
+        if cfg.lora_rank:
+            save_adapter_model(model, unet, r.models.noise_scheduler, out, record)
+        else:
+            save_pipeline(model, unet, r.models.noise_scheduler, out, record)
         write_reports(Path(metrics_dir) if metrics_dir else reports, report, log.rows)
     r.accelerator.end_training()
     return report
@@ -200,7 +203,7 @@ def _prepare(cfg, latents, manifest, models_at, reports, checkpoint_dir) -> Run:
     lr = cfg.learning_rate
     if cfg.scale_lr:
         lr *= cfg.gradient_accumulation_steps * cfg.train_batch_size * accelerator.num_processes
-    optimizer = make_optimizer(cfg, unet.parameters(), lr, accelerator.device)
+    optimizer = make_optimizer(cfg, lora.trainable(unet), lr, accelerator.device)
     # Stepped once per optimizer update (not prepared), so warmup counts updates.
     lr_scheduler = get_scheduler(
         cfg.lr_scheduler,
@@ -297,6 +300,8 @@ def train_steps(r: Run, step: int, max_steps: int, log: LossLog) -> LossLog:
             break
         with acc.accumulate(r.unet):
             draws = StepDraws(cfg.seed, micro_step, rows, acc.device)
+            if cfg.lora_dropout:  # dropout draws from the global generator: seed it per step
+                torch.manual_seed(draws.generator.initial_seed() + acc.process_index)
             loss = training_loss(
                 r.unet,
                 r.models.text_encoder,
@@ -310,7 +315,7 @@ def train_steps(r: Run, step: int, max_steps: int, log: LossLog) -> LossLog:
             )
             acc.backward(loss)
             if acc.sync_gradients:
-                acc.clip_grad_norm_(r.unet.parameters(), cfg.max_grad_norm)
+                acc.clip_grad_norm_(lora.trainable(r.unet), cfg.max_grad_norm)
             r.optimizer.step()
             r.optimizer.zero_grad(set_to_none=True)
         micro_losses.append(acc.gather(loss.detach()).mean())
@@ -340,7 +345,7 @@ def _ema_step(r: Run) -> None:
         return
     if r.cfg.offload_ema:
         ema.to(r.accelerator.device, non_blocking=True)
-    ema.step(r.accelerator.unwrap_model(r.unet).parameters())
+    ema.step(lora.trainable(r.accelerator.unwrap_model(r.unet)))
     if r.cfg.offload_ema:
         ema.to("cpu", non_blocking=True)
 
@@ -389,7 +394,7 @@ def _maybe_validate(r: Run, step: int, epoch: int) -> None:
         )
 
 
-def _record(r: Run, report: TrainReport, rows: list) -> TrainRecord:
+def _record(r: Run, report: TrainReport, rows: list, trained_unet: Path) -> TrainRecord:
     """The trained model's record (its UNet hash is filled in by `save_pipeline`)."""
     every = max(1, math.ceil(len(rows) / 500))
     curve = [(int(s), float(loss)) for s, loss, _ in rows[::every]]
@@ -410,6 +415,7 @@ def _record(r: Run, report: TrainReport, rows: list) -> TrainRecord:
         latents=r.latents.lineage(),
         pack=r.latents.pack,
         environment=environment(),
+        adapter=lora.adapter_record(r.cfg, trained_unet) if r.cfg.lora_rank else None,
     )
 
 
@@ -428,5 +434,24 @@ def save_pipeline(
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
         noise_scheduler.save_pretrained(tmp / "scheduler")
         if record is not None:
-            unet_sha = weights_sha256(tmp, "unet")
-            write_record(record.model_copy(update={"unet_sha256": unet_sha}), tmp / TRAIN_RECORD)
+            _write_record(record, tmp)
+
+
+def save_adapter_model(base: Path, unet, noise_scheduler, out: Path, record: TrainRecord) -> None:
+    """A LoRA run's output: the adapter (`pytorch_lora_weights.safetensors`), the
+    training scheduler config and the record; with `lora_merge`, also `base` with the
+    adapter merged in (a complete pipeline). The base model's own parts stay out
+    otherwise: users load the adapter onto the base they already have."""
+    with atomic_dir(out) as tmp:
+        lora.save_adapter(unet, tmp)
+        if record.adapter is not None and record.adapter.merged:
+            skip = shutil.ignore_patterns("unet", "scheduler", BASE_MODEL_RECORD, TRAIN_RECORD)
+            lora.save_merged(base, tmp, tmp, skip)
+        noise_scheduler.save_pretrained(tmp / "scheduler")
+        _write_record(record, tmp)
+
+
+def _write_record(record: TrainRecord, folder: Path) -> None:
+    """The record, with the identity of the weights just written."""
+    sha = trained_weights_sha256(folder)
+    write_record(record.model_copy(update={"unet_sha256": sha}), folder / TRAIN_RECORD)

@@ -19,8 +19,10 @@ import torch
 
 from components.common.errors import ConfigError
 from components.common.io import atomic_dir, write_json_atomic
+from components.train_unet import lora
 
 MARKER = "COMMITTED"
+ADAPTER_STATE = "lora_adapter.safetensors"  # a LoRA run's trainable parameters, by name
 
 
 def committed(root: Path) -> list[Path]:
@@ -51,13 +53,19 @@ def save(
 ) -> Path:
     """Commit checkpoint-<step> under `root`, then prune to the `keep` newest.
 
-    Holds the UNet (safetensors), the optimizer, LR scheduler, grad scaler and EMA
-    state (a tensors-only file, loaded with `weights_only=True`), the data position
-    and the loss history; `run` (its id and planned `max_steps`) goes into state.json.
+    Holds the UNet (safetensors; a LoRA run: only the adapter's parameters), the
+    optimizer, LR scheduler, grad scaler and EMA state (a tensors-only file, loaded
+    with `weights_only=True`), the data position and the loss history; `run` (its id
+    and planned `max_steps`) goes into state.json.
     """
     final = Path(root) / f"checkpoint-{step}"
     with atomic_dir(final) as tmp:
-        unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        if _has_adapter(unet):  # only the adapter trains: the frozen UNet is the base's
+            from safetensors.torch import save_file
+
+            save_file(lora.trainable_state(unet), tmp / ADAPTER_STATE)
+        else:
+            unet.save_pretrained(tmp / "unet", safe_serialization=True)
         state = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}
         if scaler is not None:
             state["scaler"] = scaler.state_dict()
@@ -140,8 +148,13 @@ def load(path: Path, unet, optimizer, lr_scheduler, scaler, ema=None) -> int:
     """Restore state from a committed checkpoint; return its step. No pickle is run."""
     from safetensors.torch import load_file
 
-    weights = load_file(path / "unet" / "diffusion_pytorch_model.safetensors")
-    unet.load_state_dict(weights)
+    if _has_adapter(unet):
+        if not (path / ADAPTER_STATE).is_file():
+            raise ConfigError(f"{path}: a full fine-tune's checkpoint; this run trains LoRA")
+        lora.load_trainable_state(unet, load_file(path / ADAPTER_STATE), path)
+    else:
+        weights = load_file(path / "unet" / "diffusion_pytorch_model.safetensors")
+        unet.load_state_dict(weights)
     state = torch.load(path / "training_state.pt", weights_only=True, map_location="cpu")
     optimizer.load_state_dict(state["optimizer"])
     lr_scheduler.load_state_dict(state["lr_scheduler"])
@@ -152,6 +165,10 @@ def load(path: Path, unet, optimizer, lr_scheduler, scaler, ema=None) -> int:
             raise ConfigError(f"{path}: has no EMA state; it was saved with use_ema: false")
         ema.load_state_dict(state["ema"])
     return int(json.loads((path / "state.json").read_text())["step"])
+
+
+def _has_adapter(unet) -> bool:
+    return bool(getattr(unet, "peft_config", None))
 
 
 def read_state(path: Path) -> dict:

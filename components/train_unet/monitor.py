@@ -11,6 +11,7 @@ import torch
 from components.common.config import TrainConfig
 from components.common.errors import T2IError
 from components.common.io import write_json_atomic
+from components.train_unet.lora import trainable
 
 METRICS = "train_metrics.json"
 LOSS_LOG = "loss.csv"
@@ -75,8 +76,8 @@ def log_validation(
 
     unet = accelerator.unwrap_model(unet)
     if ema is not None:
-        ema.store(unet.parameters())
-        ema.copy_to(unet.parameters())
+        ema.store(trainable(unet))
+        ema.copy_to(trainable(unet))
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
             model, unet=unet, safety_checker=None, requires_safety_checker=False
@@ -95,7 +96,7 @@ def log_validation(
                 ).images
     finally:
         if ema is not None:
-            ema.restore(unet.parameters())
+            ema.restore(trainable(unet))
         unet.train()
     folder = out / f"step-{step:06d}"
     folder.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ from components.common.models import (
     weights_sha256,
 )
 from components.common.records import LatentManifest
+from components.train_unet import lora
 
 WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -118,7 +119,15 @@ def load_models(
     text_encoder = text_encoder.requires_grad_(False).eval().to(device, dtype)
     unet = load_unet(trained_unet, **variant)
     ema = None
-    if cfg.use_ema:
+    if cfg.lora_rank:
+        if dtype != torch.float32:  # the frozen base in the compute dtype; the adapter fp32
+            unet.to(dtype)
+        lora.add_adapter(unet, cfg)
+        if cfg.use_ema:  # an EMA of the adapter's parameters
+            from diffusers.training_utils import EMAModel
+
+            ema = EMAModel(lora.trainable(unet), foreach=cfg.foreach_ema)
+    elif cfg.use_ema:
         from diffusers.training_utils import EMAModel
 
         ema_unet = load_unet(model, **variant)
@@ -128,6 +137,7 @@ def load_models(
             model_config=ema_unet.config,
             foreach=cfg.foreach_ema,
         )
+    if ema is not None:
         ema.to("cpu" if cfg.offload_ema else device)
         if cfg.offload_ema and torch.cuda.is_available():
             ema.pin_memory()
