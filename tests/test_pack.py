@@ -261,10 +261,11 @@ def test_folder_with_txt_captions(tmp_path):
     (src / "sub").mkdir(parents=True)
     for i, folder in enumerate((src, src, src / "sub")):
         photo(40, 40, i).save(folder / f"img{i}.jpg", quality=90)
-        (folder / f"img{i}.txt").write_text(f"  caption\n number {i} ")
+        (folder / f"img{i}.txt").write_text(f"  a   caption {i}\n\n number {i} \n")
     report = pack_shards.run(DataConfig(), PackConfig(val_fraction=0), src, tmp_path / "o")
     recs = records(tmp_path / "o")
-    assert report.kept == 3 and recs["sub/img2.jpg"]["txt"] == b"caption number 2"
+    # each non-empty line is a caption, whitespace normalised; one per line in `txt`
+    assert report.kept == 3 and recs["sub/img2.jpg"]["txt"] == b"a caption 2\nnumber 2"
     assert json.loads((tmp_path / "o" / "manifest.json").read_text())["format"] == "captions"
 
 

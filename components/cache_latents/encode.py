@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save as st_save
 
+from components.common.captions import split_captions
 from components.common.config import CacheConfig
 from components.common.models import (
     default_device,
@@ -96,9 +97,10 @@ class LatentEncoder:
             pixels, crop = preprocess(image, self.cfg, sample["__key__"])
         except (OSError, ValueError, StopIteration, UnicodeDecodeError):
             return None
-        caption = sample.get("txt", b"").decode("utf-8")
+        captions = split_captions(sample.get("txt", b"").decode("utf-8"))
         meta = {
-            "caption": caption,
+            "caption": captions[0],
+            "captions": captions,
             "original_size": [image.height, image.width],
             "crop_coords_top_left": list(crop),
         }
@@ -109,21 +111,19 @@ class LatentEncoder:
         pixels = torch.stack([p for _, (p, _) in good])
         metas = [m for _, (_, m) in good]
         moments = encode_moments(self.vae, pixels, self.cfg.random_flip)
-        ids = self.tokenizer(
-            [m["caption"] for m in metas],
-            padding="max_length",
-            truncation=True,
-            max_length=self.tokenizer.model_max_length,
-            return_tensors="pt",
-        ).input_ids
-        if self.text_encoder is not None:
-            hidden = self.text_encoder(ids.to(self.device), return_dict=False)[0]
-            moments["encoder_hidden_states"] = hidden.float().cpu()
+        texts = self._encode_captions([c for m in metas for c in m["captions"]])
         store = DTYPES[self.cfg.dtype]
-        records = []
+        records, row = [], 0
         for i, ((sample, _), meta) in enumerate(zip(good, metas, strict=True)):
             tensors = {k: v[i].to(store).contiguous() for k, v in moments.items()}
-            tensors["input_ids"] = ids[i].to(torch.int32).contiguous()
+            # one caption: unstacked, as always; several: stacked, one row each
+            n = len(meta["captions"])
+            rows = slice(row, row + n) if n > 1 else row
+            row += n
+            tensors["input_ids"] = texts["input_ids"][rows].to(torch.int32).contiguous()
+            if "encoder_hidden_states" in texts:
+                hidden = texts["encoder_hidden_states"][rows]
+                tensors["encoder_hidden_states"] = hidden.to(store).contiguous()
             records.append(
                 {
                     "__key__": sample["__key__"],
@@ -132,6 +132,21 @@ class LatentEncoder:
                 }
             )
         return records
+
+    def _encode_captions(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """Token ids (and text embeddings with `cache.text_embeddings`), a row per caption."""
+        ids = self.tokenizer(
+            captions,
+            padding="max_length",
+            truncation=True,
+            max_length=self.tokenizer.model_max_length,
+            return_tensors="pt",
+        ).input_ids
+        out = {"input_ids": ids}
+        if self.text_encoder is not None:
+            hidden = self.text_encoder(ids.to(self.device), return_dict=False)[0]
+            out["encoder_hidden_states"] = hidden.float().cpu()
+        return out
 
 
 def model_key(model: Path, cfg: CacheConfig, vae_config, dtype: torch.dtype) -> dict:

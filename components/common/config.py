@@ -130,6 +130,13 @@ class TrainConfig(Section):
     dream_training: bool = False
     dream_detail_preservation: float = Field(1.0, ge=0)
     proportion_empty_prompts: float = Field(0.0, ge=0, le=1)
+    # Captions. A sample with several captions trains on one per epoch, drawn from
+    # (seed, epoch, key). shuffle_caption: its comma-separated tags in an order drawn
+    # per step, the first keep_tokens tags kept in place (kohya's shuffle_caption /
+    # keep_tokens); the text encoder then runs every step (cached text embeddings are
+    # of the unshuffled caption).
+    shuffle_caption: bool = False
+    keep_tokens: int = Field(0, ge=0)
     # LoRA (peft): 0 fine-tunes the whole UNet; r > 0 trains a rank-r adapter on the
     # lora_target_modules (default: the attention projections, as diffusers' LoRA
     # recipe) and writes it as pytorch_lora_weights.safetensors; lora_merge also writes
@@ -175,6 +182,10 @@ class TrainConfig(Section):
             raise ValueError("offload_ema needs use_ema: true")
         if self.non_ema_revision and not self.use_ema:
             raise ValueError("non_ema_revision needs use_ema: true")
+        if self.keep_tokens and not self.shuffle_caption:
+            raise ValueError(
+                "keep_tokens needs shuffle_caption: true (it keeps leading tags in place)"
+            )
         if not self.lora_rank and (self.lora_merge or self.lora_alpha or self.lora_dropout):
             raise ValueError("lora_alpha, lora_dropout and lora_merge need lora_rank > 0")
         if self.lora_rank and self.non_ema_revision:

@@ -174,10 +174,11 @@ def verify_latents(latents: Path, split: str | None = None) -> LatentManifest:
 
 
 def load_latent_split(latents: Path, split: str) -> list[dict[str, Any]]:
-    """Every cached sample of `split` as tensors (floats as fp32, ids as int64), after
-    verifying each shard's sha256."""
+    """Every cached sample of `split` as tensors (floats as fp32, ids as int64), with
+    its first caption, after verifying each shard's sha256."""
     from safetensors.torch import load as st_load
 
+    from components.common.captions import pick_caption
     from components.common.shards import read_shard
 
     manifest = verify_latents(latents, split)
@@ -186,7 +187,7 @@ def load_latent_split(latents: Path, split: str) -> list[dict[str, Any]]:
         if shard.split != split:
             continue
         for record in read_shard(Path(latents) / shard.name):
-            tensors = st_load(record["safetensors"])
+            tensors = pick_caption(st_load(record["safetensors"]), 0)
             samples.append(
                 {k: v.float() if v.is_floating_point() else v.long() for k, v in tensors.items()}
             )

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from components.common.captions import split_captions
 from components.common.config import EvaluateConfig
 from components.common.errors import ConfigError
 from components.common.records import read_pack_manifest
@@ -91,7 +92,7 @@ def heldout_images(shards: Path | None, cfg: EvaluateConfig, resolution: int) ->
     for i in sorted(pick):
         record = records[i][1]
         data = next(v for k, v in record.items() if k in ("png", "jpg", "webp"))
-        captions.append(record["txt"].decode("utf-8"))
+        captions.append(split_captions(record["txt"].decode("utf-8"))[0])
         images.append(to_uint8(_square(Image.open(io.BytesIO(data)), resolution)))
     return HeldOut(captions, torch.stack(images))
 

@@ -61,7 +61,7 @@ def _pack(sample: Sample, cfg: PackConfig, data: bytes | OSError | None) -> Pack
         raise Rejected(sample.problem)
     if sample.blob is None:
         raise Rejected("missing_file")
-    caption = clean_caption(sample, cfg)
+    captions = clean_captions(sample, cfg)
     if data is None:
         data = sample.blob.read()
     if isinstance(data, OSError):
@@ -92,7 +92,7 @@ def _pack(sample: Sample, cfg: PackConfig, data: bytes | OSError | None) -> Pack
     record = {
         "__key__": sample.key,
         ext: data if as_is else encode_image(image, ext, cfg.quality),
-        "txt": caption.encode("utf-8"),
+        "txt": "\n".join(captions).encode("utf-8"),  # one caption per line
         "json": json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8"),
     }
     return Packed(sample.key, record, pixels_sha256)
@@ -114,30 +114,42 @@ def _storage(cfg: PackConfig, info: dict, same_size: bool) -> tuple[str, bool]:
     return ("jpg" if info["format"] in _PHOTO_FORMATS else "png"), False
 
 
-def clean_caption(sample: Sample, cfg: PackConfig) -> str:
-    """Valid UTF-8, whitespace normalised; empty/missing per `pack.empty_caption`."""
+def clean_captions(sample: Sample, cfg: PackConfig) -> list[str]:
+    """The sample's captions: a list (a `datasets` list column, a JSON list in
+    metadata.jsonl) or one per line of a text; each valid UTF-8 with whitespace
+    normalised, empty ones dropped. None left: per `pack.empty_caption`."""
     raw = sample.caption
-    if isinstance(raw, bytes):
-        try:
-            raw = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise Rejected("invalid_utf8_caption") from None
-    elif raw is not MISSING and not isinstance(raw, str):
-        raw = str(raw)  # a number in a CSV/parquet caption column
-    if isinstance(raw, str):
-        try:
-            raw.encode("utf-8")  # lone surrogates: undecodable bytes in the metadata
-        except UnicodeEncodeError:
-            raise Rejected("invalid_utf8_caption") from None
-    caption = " ".join(raw.split()) if raw is not MISSING else ""
-    if caption:
-        return caption
+    texts = [_caption_text(c) for c in raw] if isinstance(raw, list) else [_caption_text(raw)]
+    captions = [
+        " ".join(line.split()) for text in texts if text is not None for line in text.splitlines()
+    ]
+    captions = [c for c in captions if c]
+    if captions:
+        return captions
     if cfg.empty_caption == "keep":
-        return ""
+        return [""]
     if cfg.empty_caption == "filename":
         stem = PurePosixPath(sample.source.rsplit(":", 1)[-1]).stem
-        return " ".join(stem.replace("_", " ").replace("-", " ").split())
-    raise Rejected("missing_caption" if raw is MISSING else "empty_caption")
+        return [" ".join(stem.replace("_", " ").replace("-", " ").split())]
+    missing = raw is MISSING or raw == []
+    raise Rejected("missing_caption" if missing else "empty_caption")
+
+
+def _caption_text(raw) -> str | None:
+    """One caption value as text; Rejected for bytes that are not UTF-8."""
+    if raw is MISSING:
+        return None
+    if isinstance(raw, bytes):
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise Rejected("invalid_utf8_caption") from None
+    raw = raw if isinstance(raw, str) else str(raw)  # a number in a CSV/parquet column
+    try:
+        raw.encode("utf-8")  # lone surrogates: undecodable bytes in the metadata
+    except UnicodeEncodeError:
+        raise Rejected("invalid_utf8_caption") from None
+    return raw
 
 
 def decode_image(data: bytes, cfg: PackConfig) -> tuple[Image.Image, dict]:

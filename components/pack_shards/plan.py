@@ -26,8 +26,12 @@ from components.pack_shards.sources import Sample
 _RUNTIME_KEYS = {"num_workers", "max_reject_fraction"}
 
 
+# How records are laid out, beyond the config: an output of another layout is rebuilt.
+_LAYOUT = {"captions": "one per line"}
+
+
 def identity(cfg: PackConfig) -> dict:
-    return {k: v for k, v in cfg.model_dump().items() if k not in _RUNTIME_KEYS}
+    return {**{k: v for k, v in cfg.model_dump().items() if k not in _RUNTIME_KEYS}, **_LAYOUT}
 
 
 def split_of(key: str, val_fraction: float) -> str:

@@ -52,7 +52,9 @@ class Blob:
 class Sample:
     key: str
     source: str  # what the user sees in reports: a relative path, tar member or row
-    caption: str | bytes | None  # bytes are decoded (strict UTF-8) by the worker
+    # Bytes are decoded (strict UTF-8) by the worker; a list is several captions, and
+    # so is each line of a text.
+    caption: str | bytes | list | None
     blob: Blob | None  # None: the image is missing
     problem: str | None = None  # a reason found while listing (symlink, unsafe member)
 
@@ -198,8 +200,6 @@ def list_dataset(source: Path, data: DataConfig) -> list[Sample]:
     samples = []
     for i, row in enumerate(table.select_columns([data.image_column, data.caption_column])):
         image, caption = row[data.image_column], row[data.caption_column]
-        if isinstance(caption, list):  # several captions per image: the first is kept
-            caption = caption[0] if caption else MISSING
         rowid = f"{where} row {i}"
         blob, problem = _image_blob(image, source)
         samples.append(Sample(sample_key(f"row:{i}"), rowid, caption, blob, problem))

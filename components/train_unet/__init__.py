@@ -24,7 +24,7 @@ import torch
 
 from components.common.config import TrainConfig
 from components.common.io import atomic_dir, sha256_json
-from components.common.models import trained_weights_sha256, weights_sha256
+from components.common.models import load_tokenizer, trained_weights_sha256, weights_sha256
 from components.common.progress import progress
 from components.common.records import (
     BASE_MODEL_RECORD,
@@ -37,7 +37,7 @@ from components.common.records import (
     write_record,
 )
 from components.train_unet import checkpoints, lora
-from components.train_unet.data import LatentStream
+from components.train_unet.data import LatentStream, TagShuffle
 from components.train_unet.monitor import (
     LossLog,
     TrainReport,
@@ -193,6 +193,7 @@ def _prepare(cfg, latents, manifest, models_at, reports, checkpoint_dir) -> Run:
         workers=cfg.dataloader_num_workers,
         empty_prompt=models.empty_prompt,
         proportion_empty_prompts=cfg.proportion_empty_prompts,
+        tags=TagShuffle(load_tokenizer(model), cfg.keep_tokens) if cfg.shuffle_caption else None,
     )
     unet = models.unet
     unet.train()

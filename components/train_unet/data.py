@@ -16,6 +16,7 @@ step makes per sample (flipped view, empty prompt) come from (seed, micro-step) 
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 from safetensors.torch import load as st_load
 
+from components.common.captions import caption_count, caption_index, pick_caption, shuffle_tags
 from components.common.errors import ConfigError
 from components.common.records import LatentManifest
 from components.common.shards import read_shard
@@ -58,8 +60,10 @@ class LatentStream:
         workers: int = 0,
         empty_prompt: dict[str, torch.Tensor] | None = None,
         proportion_empty_prompts: float = 0.0,
+        tags: TagShuffle | None = None,
     ):
         self.shards, self.seed, self.buffer = shards, seed, shuffle_buffer
+        self.tags = tags
         self.rank, self.world, self.workers = rank, world, workers
         self.streams = streams or world
         self.global_batch = batch_size * world
@@ -185,8 +189,28 @@ class LatentStream:
 
         return _prefetch(decoded(), 2 * self.workers) if pool else decoded()
 
-    def _collate(self, step: int, samples: list[dict[str, torch.Tensor]]) -> dict:
-        """Stack this rank's rows, choosing the flipped view and empty prompts."""
+    def _captions(self, step: int, samples: list[dict]) -> list[dict[str, torch.Tensor]]:
+        """Each sample with one caption: that of this epoch (`caption_index`), its tags
+        shuffled for this step when `tags` is set (then tokenized here, and the cached
+        text embeddings of the unshuffled caption left out)."""
+        epoch = self.position(step)[0]
+        picks = [caption_index(self.seed, epoch, s["__key__"], caption_count(s)) for s in samples]
+        out = [pick_caption(s, i) for s, i in zip(samples, picks, strict=True)]
+        if self.tags is None:
+            return out
+        texts = [
+            shuffle_tags(s["__captions__"][i], self.tags.keep, self.seed, step, s["__key__"])
+            for s, i in zip(samples, picks, strict=True)
+        ]
+        ids = self.tags.tokenize(texts)
+        for s, row in zip(out, ids, strict=True):
+            s["input_ids"] = row
+            s.pop("encoder_hidden_states", None)
+        return out
+
+    def _collate(self, step: int, samples: list[dict]) -> dict:
+        """Stack this rank's rows, choosing the caption, the flipped view and empty prompts."""
+        samples = self._captions(step, samples)
         g = torch.Generator().manual_seed(self.seed * 104_729 + step)
         flips = (torch.rand(self.global_batch, generator=g) < 0.5)[self.rows]
         empty = (torch.rand(self.global_batch, generator=g) < self.p_empty)[self.rows]
@@ -216,9 +240,33 @@ class LatentStream:
         return slice(self.rank * per_rank, (self.rank + 1) * per_rank)
 
 
-def _decode(record: dict[str, bytes]) -> dict[str, torch.Tensor]:
+@dataclass(frozen=True)
+class TagShuffle:
+    """`train.shuffle_caption`: the tokenizer the shuffled captions go through, and how
+    many leading tags stay in place (`keep_tokens`)."""
+
+    tokenizer: object
+    keep: int
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        tok = self.tokenizer
+        return tok(
+            captions,
+            padding="max_length",
+            truncation=True,
+            max_length=tok.model_max_length,
+            return_tensors="pt",
+        ).input_ids
+
+
+def _decode(record: dict[str, bytes]) -> dict:
+    """A latent record's tensors, its key and its captions' text."""
     tensors = st_load(record["safetensors"])
-    return {k: v.float() if v.is_floating_point() else v.long() for k, v in tensors.items()}
+    out: dict = {k: v.float() if v.is_floating_point() else v.long() for k, v in tensors.items()}
+    meta = json.loads(record["json"]) if "json" in record else {}
+    out["__key__"] = record["__key__"]
+    out["__captions__"] = meta.get("captions") or [meta.get("caption", "")]
+    return out
 
 
 def _prefetch(items: Iterator, depth: int) -> Iterator:
