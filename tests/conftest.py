@@ -153,3 +153,16 @@ def upload_folder(client, bucket: str, folder: Path, prefix: str) -> None:
     for path in sorted(Path(folder).rglob("*")):
         if path.is_file():
             client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder).as_posix()}")
+
+
+def train_then_resume(cfg, latents, model, root: Path, drop: str):
+    """Train `cfg` straight through in `root/a`, then again in `root/b` from a copy of
+    its checkpoints less `drop` (a "crash" before that one). Returns (straight report,
+    resumed report); compare `root/a` and `root/b`."""
+    import shutil
+
+    a, b = root / "a", root / "b"
+    straight = train_unet.run(cfg, latents, model, a / "m", a / "t", a / "c")
+    shutil.copytree(a / "c", b / "c")
+    shutil.rmtree(b / "c" / drop)
+    return straight, train_unet.run(cfg, latents, model, b / "m", b / "t", b / "c")

@@ -1,13 +1,12 @@
 """Several captions per image (packed, cached, one per epoch) and tag shuffling."""
 
 import json
-import shutil
 
 import pytest
 import torch
 from safetensors.torch import load as st_load
 
-from components import cache_latents, pack_shards, train_unet
+from components import cache_latents, pack_shards
 from components.common.captions import caption_index, shuffle_tags
 from components.common.config import CacheConfig, DataConfig, PackConfig, TrainConfig
 from components.common.models import load_tokenizer
@@ -15,6 +14,8 @@ from components.common.records import load_latent_split, read_latent_manifest
 from components.common.shapes import make_sample
 from components.common.shards import read_shard
 from components.train_unet.data import LatentStream, TagShuffle
+
+from .conftest import train_then_resume
 
 
 def _captions(i: int, text: str) -> list[str] | str:
@@ -180,16 +181,8 @@ def test_training_with_several_captions_and_shuffled_tags_resumes_exactly(
         shuffle_buffer=8,
         report_to="none",
     )
-    straight = tmp_path / "a"
-    train_unet.run(
-        cfg, root / "latents", tiny_model, straight / "m", straight / "t", straight / "c"
-    )
-    resumed = tmp_path / "b"
-    shutil.copytree(straight / "c", resumed / "c")
-    shutil.rmtree(resumed / "c" / "checkpoint-6")
-    report = train_unet.run(
-        cfg, root / "latents", tiny_model, resumed / "m", resumed / "t", resumed / "c"
-    )
+    _, report = train_then_resume(cfg, root / "latents", tiny_model, tmp_path, "checkpoint-6")
+    straight, resumed = tmp_path / "a", tmp_path / "b"
     assert report.resumed_from_step == 3
     assert (straight / "t/loss.csv").read_text() == (resumed / "t/loss.csv").read_text()
 

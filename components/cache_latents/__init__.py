@@ -103,7 +103,9 @@ def encode_part(
 ) -> CacheReport:
     """Encode this worker's shards (skipping committed ones) and write its part file."""
     packed = read_pack_manifest(shards)
-    encoder = LatentEncoder(model, cfg, device)
+    # Buckets stay within the aspect ratios pack let through.
+    max_aspect = float(packed.pack_config.get("max_aspect_ratio", 4.0))
+    encoder = LatentEncoder(model, cfg, device, max_aspect)
     jobs = [_job(shard.model_dump(), encoder.model_key) for shard in packed.shards][index::count]
     out.mkdir(parents=True, exist_ok=True)
     todo = [j for j in jobs if not _committed(out, j)]
@@ -126,6 +128,7 @@ def encode_part(
         "latent_shape": encoder.latent_shape,
         "vae_scaling_factor": encoder.vae.config.scaling_factor,
         "cache_config": cfg.model_dump(),
+        "buckets": encoder.buckets,
         "entries": [_entry(out, j) for j in jobs],
     }
     write_json_atomic(out / f"part-{index:04d}-of-{count:04d}.json", part)
@@ -164,6 +167,7 @@ def merge(shards: Path, out: Path, count: int | None = None) -> LatentManifest:
         vae_scaling_factor=loaded[0]["vae_scaling_factor"],
         model=loaded[0]["model"],
         pack=packed,
+        buckets=loaded[0].get("buckets"),
     )
     write_record(manifest, out / MANIFEST)
     listed = {MANIFEST} | {e.name for e in manifest.shards}
@@ -201,6 +205,9 @@ def _encode_job(job: dict, encoder: LatentEncoder, shards: Path, out: Path, bar)
             f"{shards / job['name']}: {len(records)} samples, manifest says {job['samples']}"
         )
     receipt = {"key": job["key"], "sha256": write_shard(out / job["file"], records)}
+    if encoder.buckets:
+        index = {tuple(b): i for i, b in enumerate(encoder.buckets)}
+        receipt["sample_buckets"] = [index[tuple(json.loads(r["json"])["bucket"])] for r in records]
     write_json_atomic(out / (job["file"] + RECEIPT), receipt)
     return []
 
@@ -215,6 +222,7 @@ def _entry(out: Path, job: dict) -> dict:
         "samples": job["samples"],
         "key": job["key"],
         "sha256": receipt["sha256"],
+        "sample_buckets": receipt.get("sample_buckets"),
     }
 
 

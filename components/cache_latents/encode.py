@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,6 +20,7 @@ from safetensors.torch import save as st_save
 
 from components.common.captions import split_captions
 from components.common.config import CacheConfig
+from components.common.errors import ConfigError
 from components.common.models import (
     default_device,
     load_text_encoder,
@@ -53,8 +55,13 @@ def vae_compute_dtype(cfg: CacheConfig, device: str, force_upcast: bool) -> torc
 class LatentEncoder:
     """Frozen VAE (+ tokenizer, + text encoder when `cache.text_embeddings`)."""
 
-    def __init__(self, model: Path, cfg: CacheConfig, device: str | None = None):
+    def __init__(
+        self, model: Path, cfg: CacheConfig, device: str | None = None, max_aspect: float = 4.0
+    ):
         self.cfg, self.device = cfg, device or default_device()
+        self.buckets = (
+            bucket_sizes(cfg.resolution, cfg.bucket_step, max_aspect) if cfg.buckets else None
+        )
         vae = load_vae(model).eval()
         self.dtype = vae_compute_dtype(cfg, self.device, vae.config.get("force_upcast", False))
         self.vae = vae.to(self.device)
@@ -69,6 +76,9 @@ class LatentEncoder:
         if cfg.text_embeddings:
             self.text_encoder = load_text_encoder(model).eval().to(self.device, self.dtype)
         self.model_key = model_key(model, cfg, self.vae.config, self.dtype)
+        if self.buckets:
+            check_bucket_step(model, cfg, self.vae.config)
+            self.model_key["buckets"] = [list(b) for b in self.buckets]
 
     @property
     def latent_shape(self) -> list[int]:
@@ -86,15 +96,29 @@ class LatentEncoder:
                 prepared = list(threads.map(self._prepare, batch))
                 good = [(s, p) for s, p in zip(batch, prepared, strict=True) if p is not None]
                 failed += [s["__key__"] for s, p in zip(batch, prepared, strict=True) if p is None]
-                if good:
-                    records += self._encode_batch(good)
+                records += self._encode_by_shape(good)
                 bar.update(len(batch))
         return records, failed
+
+    def _encode_by_shape(self, good: list) -> list[dict[str, bytes]]:
+        """Encode in groups of one size (the VAE takes one shape per batch), keeping order."""
+        shapes = sorted({tuple(p.shape) for _, (p, _) in good})
+        done = {}
+        for shape in shapes:
+            group = [(i, g) for i, g in enumerate(good) if tuple(g[1][0].shape) == shape]
+            for (i, _), record in zip(
+                group, self._encode_batch([g for _, g in group]), strict=True
+            ):
+                done[i] = record
+        return [done[i] for i in range(len(good))]
 
     def _prepare(self, sample: dict[str, bytes]):
         try:
             image = decode_record(sample)
-            pixels, crop = preprocess(image, self.cfg, sample["__key__"])
+            size = (self.cfg.resolution,) * 2
+            if self.buckets:
+                size = nearest_bucket(image.width, image.height, self.buckets)
+            pixels, crop = preprocess(image, self.cfg, sample["__key__"], size)
         except (OSError, ValueError, StopIteration, UnicodeDecodeError):
             return None
         captions = split_captions(sample.get("txt", b"").decode("utf-8"))
@@ -104,6 +128,8 @@ class LatentEncoder:
             "original_size": [image.height, image.width],
             "crop_coords_top_left": list(crop),
         }
+        if self.buckets:
+            meta["bucket"] = list(size)
         return pixels, meta
 
     @torch.inference_mode()
@@ -174,19 +200,55 @@ def decode_record(sample: dict[str, bytes]) -> Image.Image:
         return img.convert("RGB")
 
 
-def preprocess(image: Image.Image, cfg: CacheConfig, key: str) -> tuple[torch.Tensor, tuple]:
-    """The recipe's transforms: shortest side to `resolution` (`image_interpolation_mode`),
-    center or seeded random crop, to [-1, 1]. Returns the CHW tensor and (top, left)."""
-    r = cfg.resolution
-    scale = r / min(image.size)
-    w, h = max(r, round(image.width * scale)), max(r, round(image.height * scale))
+def bucket_sizes(resolution: int, step: int, max_aspect: float) -> list[tuple[int, int]]:
+    """(width, height) buckets: multiples of `step`, the largest area up to
+    resolution² for each width, aspect ratio at most `max_aspect` (kohya's and
+    SimpleTuner's scheme). Always holds the square (resolution, resolution)."""
+    area = resolution * resolution
+    found = {(resolution, resolution)}
+    for w in range(step, int(resolution * max_aspect**0.5) + step, step):
+        h = area // w // step * step
+        if h >= step and max(w, h) / min(w, h) <= max_aspect:
+            found |= {(w, h), (h, w)}
+    return sorted(found)
+
+
+def check_bucket_step(model: Path, cfg: CacheConfig, vae_config) -> None:
+    """ConfigError unless bucket sides make latents the UNet can halve at each level."""
+    unet = json.loads((Path(model) / "unet" / "config.json").read_text())
+    factor = 2 ** (len(vae_config.block_out_channels) - 1)
+    factor *= 2 ** (len(unet["block_out_channels"]) - 1)
+    if cfg.bucket_step % factor:
+        raise ConfigError(
+            f"cache.bucket_step {cfg.bucket_step}: must be a multiple of {factor} for this "
+            "model (the VAE's and the UNet's downscaling); SD 1.x/2.x: 64"
+        )
+
+
+def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is nearest (in log ratio) the image's; ties go to
+    the larger area."""
+    ratio = math.log(width / height)
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
+
+
+def preprocess(
+    image: Image.Image, cfg: CacheConfig, key: str, size: tuple[int, int] | None = None
+) -> tuple[torch.Tensor, tuple]:
+    """The recipe's transforms: resized (`image_interpolation_mode`) to cover `size`
+    (width, height; default the `resolution` square, i.e. the shortest side to
+    `resolution`), center or seeded random crop to `size`, to [-1, 1]. Returns the
+    CHW tensor and (top, left) of the crop."""
+    bw, bh = size or (cfg.resolution, cfg.resolution)
+    scale = max(bw / image.width, bh / image.height)
+    w, h = max(bw, round(image.width * scale)), max(bh, round(image.height * scale))
     image = image.resize((w, h), INTERPOLATION[cfg.image_interpolation_mode])
     if cfg.center_crop:
-        top, left = int(round((h - r) / 2.0)), int(round((w - r) / 2.0))
+        top, left = int(round((h - bh) / 2.0)), int(round((w - bw) / 2.0))
     else:
         rng = np.random.default_rng([cfg.seed, int(key[:15], 16)])
-        top, left = int(rng.integers(0, h - r + 1)), int(rng.integers(0, w - r + 1))
-    image = image.crop((left, top, left + r, top + r))
+        top, left = int(rng.integers(0, h - bh + 1)), int(rng.integers(0, w - bw + 1))
+    image = image.crop((left, top, left + bw, top + bh))
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous(), (top, left)
 

@@ -81,6 +81,20 @@ class CacheConfig(Section):
     # Also cache the text encoder's last hidden state (the recipe's encoder_hidden_states).
     text_embeddings: bool = False
     seed: int = 0
+    # Aspect-ratio buckets: each image is resized and cropped to the bucket (width,
+    # height: multiples of bucket_step, area close to resolution², aspect within
+    # pack.max_aspect_ratio) nearest its aspect ratio, instead of a square.
+    buckets: bool = False
+    bucket_step: int = Field(64, ge=8)
+
+    @model_validator(mode="after")
+    def _bucket_step(self) -> CacheConfig:
+        if self.buckets and (self.bucket_step % 8 or self.bucket_step > self.resolution):
+            raise ValueError(
+                f"bucket_step must be a multiple of 8 and at most resolution "
+                f"({self.resolution}), got {self.bucket_step}"
+            )
+        return self
 
     @field_validator("resolution")
     @classmethod

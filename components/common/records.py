@@ -122,6 +122,8 @@ class LatentShard(Record):
     samples: int
     key: str  # the cache key: input shard sha256 + weights hashes + transform settings
     sha256: str
+    # cache.buckets: each sample's bucket (an index into LatentManifest.buckets), in order
+    sample_buckets: list[int] | None = None
 
 
 class CacheLineage(Record):
@@ -146,8 +148,9 @@ class LatentManifest(Versioned):
     samples: dict[str, int]
     cache_config: dict[str, Any]
     resolution: int
-    latent_shape: list[int]
+    latent_shape: list[int]  # of a square image; with buckets, each bucket's own
     vae_scaling_factor: float
+    buckets: list[tuple[int, int]] | None = None  # (width, height) in pixels
     model: dict[str, Any]  # the weights' hashes and settings in every cache key
     pack: PackLineage
 

@@ -285,8 +285,7 @@ def held_out_loss(
     for t in cfg.val_timesteps:
         g = torch.Generator().manual_seed(cfg.seed * 1009 + t)
         total = 0.0
-        for lo in range(0, len(val), batch_size):
-            rows = val[lo : lo + batch_size]
+        for rows in _same_shape_batches(val, batch_size):  # aspect-ratio buckets: many shapes
             batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0] if k != "__key__"}
             mean, logvar = batch["mean"], batch["logvar"]
             eps, noise = torch.randn(mean.shape, generator=g), torch.randn(mean.shape, generator=g)
@@ -305,6 +304,19 @@ def held_out_loss(
             total += per_sample.sum().item()
         losses[t] = total / len(val)
     return losses
+
+
+def _same_shape_batches(val: list[dict], batch_size: int) -> list[list[dict]]:
+    """`val` in batches of at most `batch_size` samples of one latent shape, shapes in
+    order of first appearance (one shape: the batches of `val` in order)."""
+    shapes: dict[tuple, list[dict]] = {}
+    for row in val:
+        shapes.setdefault(tuple(row["mean"].shape), []).append(row)
+    return [
+        rows[lo : lo + batch_size]
+        for rows in shapes.values()
+        for lo in range(0, len(rows), batch_size)
+    ]
 
 
 def sample_grid(images: dict[str, list[Image.Image]], jobs, cfg: EvaluateConfig) -> Image.Image:

@@ -124,6 +124,9 @@ def run(
     )
     if note:
         r.accelerator.print(note)
+    buckets, unbatched = r.stream.bucket_summary()
+    if buckets:
+        r.accelerator.print(buckets)
     if resume is not None:
         unet = r.accelerator.unwrap_model(r.unet)
         scaler = r.accelerator.scaler
@@ -139,6 +142,7 @@ def run(
     rate = (max_steps - step) * per_step / elapsed if elapsed and max_steps > step else 0.0
     log.flush()
     report = make_report(log.rows, max(step, max_steps), step, rate, per_step)
+    report.samples_not_in_a_batch = unbatched
     r.accelerator.wait_for_everyone()
     if r.accelerator.is_main_process:
         unet = r.accelerator.unwrap_model(r.unet)

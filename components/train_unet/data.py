@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import queue
 import threading
+from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from components.common.shards import read_shard
 class ShardRef:
     path: Path
     samples: int  # how many of its samples are used (max_train_samples can cut the last)
+    buckets: tuple[int, ...] | None = None  # cache.buckets: each used sample's bucket
 
 
 def step_generator(seed: int, micro_step: int, device="cpu") -> torch.Generator:
@@ -61,9 +63,13 @@ class LatentStream:
         empty_prompt: dict[str, torch.Tensor] | None = None,
         proportion_empty_prompts: float = 0.0,
         tags: TagShuffle | None = None,
+        buckets: list[tuple[int, int]] | None = None,
     ):
         self.shards, self.seed, self.buffer = shards, seed, shuffle_buffer
         self.tags = tags
+        # (width, height) of each bucket: a global batch is drawn from one bucket
+        self.buckets = [tuple(b) for b in buckets] if buckets else None
+        self._plans: dict[int, list[int]] = {}
         self.rank, self.world, self.workers = rank, world, workers
         self.streams = streams or world
         self.global_batch = batch_size * world
@@ -78,6 +84,11 @@ class LatentStream:
         self.empty_prompt, self.p_empty = empty_prompt, proportion_empty_prompts
         self._lengths: dict[int, int] = {}
         if self.steps_in_epoch(0) == 0:
+            if self.buckets is not None and len(self.shards) >= self.streams:
+                raise ConfigError(
+                    f"no bucket fills a global batch of {self.global_batch}: "
+                    f"{self.bucket_summary()[0]}"
+                )
             raise ConfigError(self._too_few())
 
     def _too_few(self) -> str:
@@ -115,9 +126,11 @@ class LatentStream:
             if shard.split != "train" or left == 0:
                 continue
             n = shard.samples if left is None else min(left, shard.samples)
-            refs.append(ShardRef(Path(latents) / shard.name, n))
+            sample_buckets = shard.sample_buckets
+            buckets = tuple(sample_buckets[:n]) if sample_buckets is not None else None
+            refs.append(ShardRef(Path(latents) / shard.name, n, buckets))
             left = None if left is None else left - n
-        return cls(refs, **kw)
+        return cls(refs, buckets=manifest.buckets, **kw)
 
     # -- positions ---------------------------------------------------------------------
 
@@ -125,7 +138,52 @@ class LatentStream:
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
         return [self.shards[i] for i in order[stream :: self.streams]]
 
+    def bucket_plan(self, epoch: int) -> list[int]:
+        """With buckets: the bucket of each micro-step of `epoch`. Each bucket gives as
+        many global batches as its scarcest stream fills; the batches' order is drawn
+        from (seed, epoch). A pure function of the manifest, known to every rank."""
+        if epoch not in self._plans:
+            counts = [
+                Counter(b for ref in self._stream_shards(epoch, k) for b in ref.buckets)
+                for k in range(self.streams)
+            ]
+            steps = {
+                b: min(c[b] for c in counts) // self.per_stream
+                for b in sorted(set().union(*counts))
+            }
+            plan = [b for b, n in steps.items() for _ in range(n)]
+            order = np.random.default_rng([self.seed, epoch, 5]).permutation(len(plan))
+            self._plans[epoch] = [plan[i] for i in order]
+        return self._plans[epoch]
+
+    def bucket_summary(self) -> tuple[str, int]:
+        """(one line on how epoch 0 uses the buckets, samples it leaves out). A bucket
+        whose samples cannot fill one global batch is not trained: it is named."""
+        if self.buckets is None:
+            return "", 0
+        plan = Counter(self.bucket_plan(0))
+        held = Counter(b for ref in self.shards for b in ref.buckets)
+        parts, unused = [], 0
+        for b, n in sorted(held.items()):
+            w, h = self.buckets[b]
+            left = n - plan[b] * self.global_batch
+            unused += left
+            parts.append(
+                f"{w}x{h}: {n} samples, {plan[b]} batches"
+                + (f", {left} left out" if left and plan[b] else "")
+                + (
+                    ""
+                    if plan[b]
+                    else f" (fewer than a batch of {self.global_batch} per "
+                    "stream: not trained; lower train.train_batch_size to train them)"
+                )
+            )
+        line = f"buckets (epoch 0): {'; '.join(parts)}"
+        return line, unused
+
     def steps_in_epoch(self, epoch: int) -> int:
+        if self.buckets is not None:
+            return len(self.bucket_plan(epoch))
         if epoch not in self._lengths:
             sizes = [
                 sum(s.samples for s in self._stream_shards(epoch, k)) for k in range(self.streams)
@@ -165,6 +223,9 @@ class LatentStream:
 
     def _raw_batches(self, start: int) -> Iterator[tuple[int, list[dict[str, bytes]]]]:
         """(micro_step, this rank's records) from micro-step `start`, forever."""
+        if self.buckets is not None:
+            yield from self._bucket_batches(start)
+            return
         epoch, skip = self.position(start)
         step = start
         while True:
@@ -176,6 +237,22 @@ class LatentStream:
                 rows = [next(it) for it in streams for _ in range(self.per_stream)]
                 yield step, rows
                 step += 1
+            epoch, skip = epoch + 1, 0
+
+    def _bucket_batches(self, start: int) -> Iterator[tuple[int, list[dict[str, bytes]]]]:
+        """As `_raw_batches`, a bucket per micro-step: each stream hands over its next
+        `per_stream` samples of that bucket, reading ahead (and holding the samples of
+        other buckets) until it has them."""
+        epoch, skip = self.position(start)
+        step = start
+        index = {b: i for i, b in enumerate(self.buckets)}
+        while True:
+            readers = [_BucketReader(self._samples(epoch, s), index) for s in self.mine]
+            for i, bucket in enumerate(self.bucket_plan(epoch)):
+                rows = [r for reader in readers for r in reader.take(bucket, self.per_stream)]
+                if i >= skip:  # (a resumed run replays the reads to the exact next sample)
+                    yield step, rows
+                    step += 1
             epoch, skip = epoch + 1, 0
 
     def batches(self, start: int) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
@@ -238,6 +315,22 @@ class LatentStream:
         """This rank's rows of the global batch."""
         per_rank = self.global_batch // self.world
         return slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+
+
+class _BucketReader:
+    """One stream's records, handed out by bucket in the order they were read."""
+
+    def __init__(self, records: Iterator[dict[str, bytes]], index: dict[tuple, int]):
+        self.records, self.index = records, index
+        self.waiting: dict[int, deque] = {}
+
+    def take(self, bucket: int, n: int) -> list[dict[str, bytes]]:
+        queue_ = self.waiting.setdefault(bucket, deque())
+        while len(queue_) < n:
+            record = next(self.records)
+            b = self.index[tuple(json.loads(record["json"])["bucket"])]
+            self.waiting.setdefault(b, deque()).append(record)
+        return [queue_.popleft() for _ in range(n)]
 
 
 @dataclass(frozen=True)

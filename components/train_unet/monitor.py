@@ -25,12 +25,16 @@ class TrainReport:
     final_loss: float
     images_per_second: float
     resumed_from_step: int
+    # cache.buckets: samples an epoch leaves out (buckets are cut into whole batches)
+    samples_not_in_a_batch: int = 0
 
     def summary(self) -> str:
         start = f" (resumed at step {self.resumed_from_step})" if self.resumed_from_step else ""
+        left = self.samples_not_in_a_batch
+        out = f"; {left} samples per epoch fit no bucket's batch" if left else ""
         return (
             f"trained {self.steps} steps{start}: loss {self.initial_loss:.4f} -> "
-            f"{self.final_loss:.4f}, {self.images_per_second:.1f} img/s"
+            f"{self.final_loss:.4f}, {self.images_per_second:.1f} img/s{out}"
         )
 
 
