@@ -174,8 +174,8 @@ class LatentStream:
                 + (
                     ""
                     if plan[b]
-                    else f" (fewer than a batch of {self.global_batch} per "
-                    "stream: not trained; lower train.train_batch_size to train them)"
+                    else f" (too few for a global batch of {self.global_batch}: not "
+                    "trained; lower train.train_batch_size to train them)"
                 )
             )
         line = f"buckets (epoch 0): {'; '.join(parts)}"
