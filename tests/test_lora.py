@@ -220,3 +220,15 @@ def test_an_adapter_without_its_weights_is_refused(lora_trained, lora_evaluation
     cfg = PublishConfig(name="lora", registry=str(tmp_path / "registry"))
     with pytest.raises(T2IError, match="incomplete model folder"):
         publish.run(cfg, model, lora_evaluation[0], tmp_path / "out")
+
+
+def test_a_lora_checkpoint_is_not_resumed_into_a_full_run(
+    lora_trained, latents, tiny_model, tmp_path
+):
+    path = str(lora_trained[0] / "ckpt" / "checkpoint-30")
+    cfg = TRAIN.model_copy(update={"resume_from_checkpoint": path, "report_to": "none"})
+    with pytest.raises(
+        ConfigError, match="a LoRA run's checkpoint; this run trains the whole UNet"
+    ):
+        train_unet.run(cfg, latents, tiny_model, tmp_path / "m", tmp_path / "t", tmp_path / "c")
+    assert not (tmp_path / "m").exists()

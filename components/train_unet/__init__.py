@@ -91,6 +91,7 @@ class Run:
     reports: Path
     latents: LatentManifest
     run_id: str = ""  # the tracker run's name: new per run, kept by a resumed run
+    base_unet_sha256: str = ""  # of the UNet training starts from (a LoRA adapter's base)
 
 
 def run(
@@ -148,7 +149,7 @@ def run(
         unet = r.accelerator.unwrap_model(r.unet)
         if r.models.ema is not None:
             r.models.ema.copy_to(lora.trainable(unet))
-        record = _record(r, report, log.rows, trained_unet)
+        record = _record(r, report, log.rows)
         if cfg.lora_rank:
             save_adapter_model(model, unet, r.models.noise_scheduler, out, record)
         else:
@@ -217,11 +218,12 @@ def _prepare(cfg, latents, manifest, models_at, reports, checkpoint_dir) -> Run:
         num_training_steps=_max_steps(cfg, stream),
     )
     unet, optimizer = accelerator.prepare(unet, optimizer)
+    base_unet = weights_sha256(trained_unet, "unet")
     fingerprint = sha256_json(
         {
             "config": cfg.model_dump(exclude=_NOT_IN_FINGERPRINT),
             "latents": [s.sha256 for s in manifest.shards],
-            "base_unet": weights_sha256(trained_unet, "unet"),
+            "base_unet": base_unet,
             "processes": accelerator.num_processes,
             "streams": stream.streams,
         }
@@ -241,6 +243,7 @@ def _prepare(cfg, latents, manifest, models_at, reports, checkpoint_dir) -> Run:
         reports,
         manifest,
         run_id=f"{stamp}-{fingerprint[:8]}",
+        base_unet_sha256=base_unet,
     )
 
 
@@ -399,7 +402,7 @@ def _maybe_validate(r: Run, step: int, epoch: int) -> None:
         )
 
 
-def _record(r: Run, report: TrainReport, rows: list, trained_unet: Path) -> TrainRecord:
+def _record(r: Run, report: TrainReport, rows: list) -> TrainRecord:
     """The trained model's record (its UNet hash is filled in by `save_pipeline`)."""
     every = max(1, math.ceil(len(rows) / 500))
     curve = [(int(s), float(loss)) for s, loss, _ in rows[::every]]
@@ -420,7 +423,7 @@ def _record(r: Run, report: TrainReport, rows: list, trained_unet: Path) -> Trai
         latents=r.latents.lineage(),
         pack=r.latents.pack,
         environment=environment(),
-        adapter=lora.adapter_record(r.cfg, trained_unet) if r.cfg.lora_rank else None,
+        adapter=lora.adapter_record(r.cfg, r.base_unet_sha256) if r.cfg.lora_rank else None,
     )
 
 
@@ -451,7 +454,7 @@ def save_adapter_model(base: Path, unet, noise_scheduler, out: Path, record: Tra
         lora.save_adapter(unet, tmp)
         if record.adapter is not None and record.adapter.merged:
             skip = shutil.ignore_patterns("unet", "scheduler", BASE_MODEL_RECORD, TRAIN_RECORD)
-            lora.save_merged(base, tmp, tmp, skip)
+            lora.save_merged(base, tmp, skip)
         noise_scheduler.save_pretrained(tmp / "scheduler")
         _write_record(record, tmp)
 

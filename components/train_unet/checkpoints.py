@@ -153,6 +153,8 @@ def load(path: Path, unet, optimizer, lr_scheduler, scaler, ema=None) -> int:
             raise ConfigError(f"{path}: a full fine-tune's checkpoint; this run trains LoRA")
         lora.load_trainable_state(unet, load_file(path / ADAPTER_STATE), path)
     else:
+        if not (path / "unet").is_dir():
+            raise ConfigError(f"{path}: a LoRA run's checkpoint; this run trains the whole UNet")
         weights = load_file(path / "unet" / "diffusion_pytorch_model.safetensors")
         unet.load_state_dict(weights)
     state = torch.load(path / "training_state.pt", weights_only=True, map_location="cpu")

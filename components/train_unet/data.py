@@ -212,6 +212,8 @@ class LatentStream:
             for n, record in enumerate(read_shard(ref.path)):
                 if n >= ref.samples:
                     break
+                if ref.buckets is not None:  # from the manifest: no need to read the JSON
+                    record["__bucket__"] = ref.buckets[n]
                 if len(buffer) < self.buffer:
                     buffer.append(record)
                     continue
@@ -221,8 +223,8 @@ class LatentStream:
         while buffer:
             yield buffer.pop(int(rng.integers(len(buffer))))
 
-    def _raw_batches(self, start: int) -> Iterator[tuple[int, list[dict[str, bytes]]]]:
-        """(micro_step, this rank's records) from micro-step `start`, forever."""
+    def _raw_batches(self, start: int) -> Iterator[tuple[int, int, list[dict[str, bytes]]]]:
+        """(micro_step, epoch, this rank's records) from micro-step `start`, forever."""
         if self.buckets is not None:
             yield from self._bucket_batches(start)
             return
@@ -235,23 +237,22 @@ class LatentStream:
                     next(it)
             for _ in range(skip, self.steps_in_epoch(epoch)):
                 rows = [next(it) for it in streams for _ in range(self.per_stream)]
-                yield step, rows
+                yield step, epoch, rows
                 step += 1
             epoch, skip = epoch + 1, 0
 
-    def _bucket_batches(self, start: int) -> Iterator[tuple[int, list[dict[str, bytes]]]]:
+    def _bucket_batches(self, start: int) -> Iterator[tuple[int, int, list[dict[str, bytes]]]]:
         """As `_raw_batches`, a bucket per micro-step: each stream hands over its next
         `per_stream` samples of that bucket, reading ahead (and holding the samples of
         other buckets) until it has them."""
         epoch, skip = self.position(start)
         step = start
-        index = {b: i for i, b in enumerate(self.buckets)}
         while True:
-            readers = [_BucketReader(self._samples(epoch, s), index) for s in self.mine]
+            readers = [_BucketReader(self._samples(epoch, s)) for s in self.mine]
             for i, bucket in enumerate(self.bucket_plan(epoch)):
                 rows = [r for reader in readers for r in reader.take(bucket, self.per_stream)]
                 if i >= skip:  # (a resumed run replays the reads to the exact next sample)
-                    yield step, rows
+                    yield step, epoch, rows
                     step += 1
             epoch, skip = epoch + 1, 0
 
@@ -261,16 +262,29 @@ class LatentStream:
         decode = pool.map if pool else map
 
         def decoded():
-            for step, rows in self._raw_batches(start):
-                yield step, self._collate(step, list(decode(_decode, rows)))
+            for step, epoch, rows in self._raw_batches(start):
+                yield step, self._collate(step, epoch, list(decode(self._decode, rows)))
 
         return _prefetch(decoded(), 2 * self.workers) if pool else decoded()
 
-    def _captions(self, step: int, samples: list[dict]) -> list[dict[str, torch.Tensor]]:
+    def _decode(self, record: dict[str, bytes]) -> dict:
+        """A latent record's tensors and key (and, to shuffle tags, its captions' text)."""
+        tensors = st_load(record["safetensors"])
+        out: dict = {
+            k: v.float() if v.is_floating_point() else v.long() for k, v in tensors.items()
+        }
+        out["__key__"] = record["__key__"]
+        if self.tags is not None:
+            meta = json.loads(record["json"])
+            out["__captions__"] = meta.get("captions") or [meta["caption"]]
+        return out
+
+    def _captions(
+        self, step: int, epoch: int, samples: list[dict]
+    ) -> list[dict[str, torch.Tensor]]:
         """Each sample with one caption: that of this epoch (`caption_index`), its tags
         shuffled for this step when `tags` is set (then tokenized here, and the cached
         text embeddings of the unshuffled caption left out)."""
-        epoch = self.position(step)[0]
         picks = [caption_index(self.seed, epoch, s["__key__"], caption_count(s)) for s in samples]
         out = [pick_caption(s, i) for s, i in zip(samples, picks, strict=True)]
         if self.tags is None:
@@ -285,9 +299,9 @@ class LatentStream:
             s.pop("encoder_hidden_states", None)
         return out
 
-    def _collate(self, step: int, samples: list[dict]) -> dict:
+    def _collate(self, step: int, epoch: int, samples: list[dict]) -> dict:
         """Stack this rank's rows, choosing the caption, the flipped view and empty prompts."""
-        samples = self._captions(step, samples)
+        samples = self._captions(step, epoch, samples)
         g = torch.Generator().manual_seed(self.seed * 104_729 + step)
         flips = (torch.rand(self.global_batch, generator=g) < 0.5)[self.rows]
         empty = (torch.rand(self.global_batch, generator=g) < self.p_empty)[self.rows]
@@ -320,16 +334,15 @@ class LatentStream:
 class _BucketReader:
     """One stream's records, handed out by bucket in the order they were read."""
 
-    def __init__(self, records: Iterator[dict[str, bytes]], index: dict[tuple, int]):
-        self.records, self.index = records, index
+    def __init__(self, records: Iterator[dict[str, bytes]]):
+        self.records = records
         self.waiting: dict[int, deque] = {}
 
     def take(self, bucket: int, n: int) -> list[dict[str, bytes]]:
         queue_ = self.waiting.setdefault(bucket, deque())
         while len(queue_) < n:
             record = next(self.records)
-            b = self.index[tuple(json.loads(record["json"])["bucket"])]
-            self.waiting.setdefault(b, deque()).append(record)
+            self.waiting.setdefault(record["__bucket__"], deque()).append(record)
         return [queue_.popleft() for _ in range(n)]
 
 
@@ -350,16 +363,6 @@ class TagShuffle:
             max_length=tok.model_max_length,
             return_tensors="pt",
         ).input_ids
-
-
-def _decode(record: dict[str, bytes]) -> dict:
-    """A latent record's tensors, its key and its captions' text."""
-    tensors = st_load(record["safetensors"])
-    out: dict = {k: v.float() if v.is_floating_point() else v.long() for k, v in tensors.items()}
-    meta = json.loads(record["json"]) if "json" in record else {}
-    out["__key__"] = record["__key__"]
-    out["__captions__"] = meta.get("captions") or [meta.get("caption", "")]
-    return out
 
 
 def _prefetch(items: Iterator, depth: int) -> Iterator:

@@ -17,7 +17,7 @@ import torch
 
 from components.common.config import TrainConfig
 from components.common.errors import ConfigError
-from components.common.models import ADAPTER_WEIGHTS, load_pipeline, weights_sha256
+from components.common.models import ADAPTER_WEIGHTS, load_pipeline
 from components.common.records import AdapterRecord
 
 
@@ -86,22 +86,23 @@ def save_adapter(unet: torch.nn.Module, folder: Path) -> None:
     )
 
 
-def save_merged(base: Path, adapter_folder: Path, out: Path, ignore) -> None:
-    """`base` with the saved adapter merged into its UNet, as a pipeline in `out`.
-    Loading the adapter the way users will (`load_lora_weights`) also proves the file."""
-    pipe = load_pipeline(adapter_folder, base)
+def save_merged(base: Path, folder: Path, ignore) -> None:
+    """Beside the adapter saved in `folder`: `base` (less `ignore`) with the adapter
+    merged into its UNet. Loading the adapter the way users will (`load_lora_weights`)
+    also proves the file."""
+    pipe = load_pipeline(folder, base)
     pipe.fuse_lora()
     pipe.unload_lora_weights()
-    shutil.copytree(base, out, dirs_exist_ok=True, ignore=ignore)
-    pipe.unet.save_pretrained(out / "unet", safe_serialization=True)
+    shutil.copytree(base, folder, dirs_exist_ok=True, ignore=ignore)
+    pipe.unet.save_pretrained(folder / "unet", safe_serialization=True)
 
 
-def adapter_record(cfg: TrainConfig, base_unet: Path) -> AdapterRecord:
+def adapter_record(cfg: TrainConfig, base_unet_sha256: str) -> AdapterRecord:
     return AdapterRecord(
         weights=ADAPTER_WEIGHTS,
         rank=cfg.lora_rank,
         alpha=lora_alpha(cfg),
         target_modules=list(cfg.lora_target_modules),
         merged=cfg.lora_merge,
-        base_unet_sha256=weights_sha256(base_unet, "unet"),
+        base_unet_sha256=base_unet_sha256,
     )

@@ -118,18 +118,16 @@ def load_models(
     text_encoder = load_text_encoder(model, **variant)
     text_encoder = text_encoder.requires_grad_(False).eval().to(device, dtype)
     unet = load_unet(trained_unet, **variant)
+    from diffusers.training_utils import EMAModel
+
     ema = None
     if cfg.lora_rank:
         if dtype != torch.float32:  # the frozen base in the compute dtype; the adapter fp32
             unet.to(dtype)
         lora.add_adapter(unet, cfg)
         if cfg.use_ema:  # an EMA of the adapter's parameters
-            from diffusers.training_utils import EMAModel
-
             ema = EMAModel(lora.trainable(unet), foreach=cfg.foreach_ema)
     elif cfg.use_ema:
-        from diffusers.training_utils import EMAModel
-
         ema_unet = load_unet(model, **variant)
         ema = EMAModel(
             ema_unet.parameters(),
