@@ -57,17 +57,39 @@ def test_workers_do_not_change_the_batches(latents):
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_ranks_read_disjoint_shards_and_make_the_one_process_batch(latents):
+def test_ranks_read_disjoint_samples_and_make_the_one_process_batch(latents):
     one = stream(latents, batch_size=4, streams=2)
     ranks = [stream(latents, batch_size=2, rank=r, world=2) for r in range(2)]
     for epoch in range(3):
-        shard_sets = [{p.path for k in r.mine for p in r._stream_shards(epoch, k)} for r in ranks]
-        assert not shard_sets[0] & shard_sets[1]
+        parts = [
+            {(p.ref.path, n) for k in r.mine for p in r.stream_pieces(epoch, k)
+             for n in range(p.start, p.stop)}
+            for r in ranks
+        ]  # fmt: skip
+        assert not parts[0] & parts[1]
+        assert len(parts[0] | parts[1]) == ranks[0].total
     for (_, whole), (_, a), (_, b) in zip(
         take(one, 0, 5), take(ranks[0], 0, 5), take(ranks[1], 0, 5), strict=True
     ):
         for k in whole:
             assert torch.equal(whole[k], torch.cat([a[k], b[k]]))
+
+
+def test_uneven_shards_still_give_every_stream_an_equal_share(latents):
+    """Shards of 16, 16 and 6 train samples dealt whole to 2 streams would give one
+    stream 22 and the other 16, and an epoch of 16 // 2 batches (6 samples never
+    trained). Ranges of samples give each stream 19: 9 batches, 2 left out, and the
+    count of what is left out is reported."""
+    sizes = sorted(r.samples for r in stream(latents).shards)
+    assert len(set(sizes)) > 1  # uneven
+    s = stream(latents, batch_size=4, streams=2)  # 2 samples per stream per batch
+    total, n = s.total, s.steps_in_epoch(0)
+    seen = [r for _, b in take(s, 0, n) for r in ids(b)]
+    assert len(set(seen)) == len(seen) == n * 4
+    assert total - len(seen) < s.global_batch
+    assert n == (total // 2) // 2
+    line, left = s.epoch_summary()
+    assert left == total - len(seen) and f"{left} left out each epoch" in line
 
 
 def test_max_train_samples_and_empty_prompts(latents):
@@ -80,9 +102,10 @@ def test_max_train_samples_and_empty_prompts(latents):
     assert (a["input_ids"] == 0).all() and (b["input_ids"] != 0).any()
 
 
-def test_too_few_shards_for_the_streams_is_a_config_error(latents):
-    with pytest.raises(ConfigError, match="data streams"):
+def test_too_few_samples_for_the_streams_is_a_config_error(latents):
+    with pytest.raises(ConfigError, match="less than one global batch of 64"):
         stream(latents, streams=64, batch_size=64)
+    assert stream(latents, streams=8, batch_size=8).steps_in_epoch(0) == 4  # 8 streams, 3 shards
     with pytest.raises(ConfigError, match="multiple of the 2 processes"):
         stream(latents, streams=3, world=2, batch_size=3)
 

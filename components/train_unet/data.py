@@ -1,21 +1,26 @@
 """The training data: a deterministic, resumable stream of batches over latent shards.
 
-Every epoch the train shards are put in an order drawn from (seed, epoch) and dealt
-to `S` streams (stream s reads shards s, s+S, ...). Each stream reads its shards
+Every epoch the train shards are put in an order drawn from (seed, epoch); laid end
+to end, their samples are cut into `S` equal ranges, one per stream (a shard at a
+boundary is read by both neighbours), so every stream holds the same number of
+samples, give or take one, however uneven the shards. Each stream reads its range
 front to back, WebDataset style, through a shuffle buffer seeded by (seed, epoch, s)
-and cuts batches of G/S samples; the global batch of micro-step t is the t-th
-batch of every stream, side by side. With N processes each rank owns S/N streams,
-so ranks read disjoint shards. S defaults to N; N processes with batch B and one
-process with batch N·B and S=N see the same global batches.
+and cuts batches of G/S samples; the global batch of micro-step t is the t-th batch
+of every stream, side by side. With N processes each rank owns S/N streams. S
+defaults to N; N processes with batch B and one process with batch N·B and S=N see
+the same global batches.
 
-An epoch is as long as its shortest stream, so every rank takes the same number of
-steps. The position (epoch, batch) is a pure function of the micro-step, so a resumed
-run replays the stream to the exact next sample, mid-epoch included. The choices a
-step makes per sample (flipped view, empty prompt) come from (seed, micro-step) too.
+An epoch sees every sample once, except the few that fill no whole batch (fewer
+than G; with buckets, a bucket's remainder): `epoch_summary` counts them, and the
+train summary and `train_metrics.json` report them. The position (epoch, batch) is
+a pure function of the micro-step, so a resumed run replays the stream to the exact
+next sample, mid-epoch included. The choices a step makes per sample (flipped view,
+empty prompt) come from (seed, micro-step) too.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import queue
 import threading
@@ -40,6 +45,19 @@ class ShardRef:
     path: Path
     samples: int  # how many of its samples are used (max_train_samples can cut the last)
     buckets: tuple[int, ...] | None = None  # cache.buckets: each used sample's bucket
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Records start..stop-1 of a shard: what one stream reads of it in an epoch."""
+
+    ref: ShardRef
+    start: int
+    stop: int
+
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        return self.ref.buckets[self.start : self.stop]
 
 
 def step_generator(seed: int, micro_step: int, device="cpu") -> torch.Generator:
@@ -82,39 +100,30 @@ class LatentStream:
         per_rank = self.streams // world
         self.mine = range(rank * per_rank, (rank + 1) * per_rank)
         self.empty_prompt, self.p_empty = empty_prompt, proportion_empty_prompts
-        self._lengths: dict[int, int] = {}
+        self._pieces: dict[int, list[list[Piece]]] = {}
         if self.steps_in_epoch(0) == 0:
-            if self.buckets is not None and len(self.shards) >= self.streams:
+            if self.buckets is not None and self.total >= self.global_batch:
                 raise ConfigError(
                     f"no bucket fills a global batch of {self.global_batch}: "
-                    f"{self.bucket_summary()[0]}"
+                    f"{self.epoch_summary()[0]}"
                 )
             raise ConfigError(self._too_few())
 
+    @property
+    def total(self) -> int:
+        """Train samples in an epoch."""
+        return sum(s.samples for s in self.shards)
+
     def _too_few(self) -> str:
         """Why no full global batch fits in an epoch, and the settings that fix it."""
-        shards, streams, world = len(self.shards), self.streams, self.world
-        total = sum(s.samples for s in self.shards)
-        what = (
-            f"{shards} train shards ({total} samples) for {streams} data streams "
-            f"({world} processes x {streams // world}) of {self.per_stream} samples per batch"
-        )
-        if shards < streams:
-            # Each stream reads whole shards: a stream without one has no samples.
-            per_shard = max(1, total // streams)
-            return (
-                f"{what}: too few shards, every stream needs its own; re-pack with "
-                f"pack.shard_max_samples: {per_shard} (or fewer), or train with at most "
-                f"{shards} processes"
-                + ("" if streams == world else f" / train.data_streams: {shards}")
-            )
-        smallest = min(sum(s.samples for s in self._stream_shards(0, k)) for k in range(streams))
-        fits = smallest * streams // world  # the largest train_batch_size that fits
+        streams, world = self.streams, self.world
+        fits = self.total // world  # the largest train_batch_size that fits
         return (
-            f"{what}: the smallest stream holds {smallest} samples, less than one batch; "
-            + (f"lower train.train_batch_size to {fits} or less, or " if fits else "")
-            + f"re-pack with a smaller pack.shard_max_samples (shards are dealt to streams "
-            f"whole; now at most {max(s.samples for s in self.shards)} samples each)"
+            f"{self.total} train samples in {len(self.shards)} shards for {streams} data "
+            f"streams ({world} processes x {streams // world}) of {self.per_stream} samples "
+            f"per batch: less than one global batch of {self.global_batch}; "
+            + (f"lower train.train_batch_size to {fits} or less, " if fits else "")
+            + "or add data (or lower pack.val_fraction)"
         )
 
     @classmethod
@@ -134,9 +143,27 @@ class LatentStream:
 
     # -- positions ---------------------------------------------------------------------
 
-    def _stream_shards(self, epoch: int, stream: int) -> list[ShardRef]:
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
-        return [self.shards[i] for i in order[stream :: self.streams]]
+    def stream_pieces(self, epoch: int, stream: int) -> list[Piece]:
+        """The parts of shards `stream` reads in `epoch`: the shards in the epoch's order,
+        laid end to end, cut into `streams` ranges of (nearly) equal size."""
+        if epoch not in self._pieces:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
+            bounds = [self.total * k // self.streams for k in range(self.streams + 1)]
+            cuts: list[list[Piece]] = [[] for _ in range(self.streams)]
+            offset = 0
+            for i in order:
+                ref = self.shards[i]
+                lo, hi = offset, offset + ref.samples
+                first = bisect.bisect_right(bounds, lo) - 1
+                for k in range(first, min(self.streams, bisect.bisect_left(bounds, hi))):
+                    a, b = max(lo, bounds[k]), min(hi, bounds[k + 1])
+                    if a < b:
+                        cuts[k].append(Piece(ref, a - lo, b - lo))
+                offset = hi
+            if len(self._pieces) > 1:  # a run reads one epoch at a time
+                self._pieces.pop(next(iter(self._pieces)))
+            self._pieces[epoch] = cuts
+        return self._pieces[epoch][stream]
 
     def bucket_plan(self, epoch: int) -> list[int]:
         """With buckets: the bucket of each micro-step of `epoch`. Each bucket gives as
@@ -144,7 +171,7 @@ class LatentStream:
         from (seed, epoch). A pure function of the manifest, known to every rank."""
         if epoch not in self._plans:
             counts = [
-                Counter(b for ref in self._stream_shards(epoch, k) for b in ref.buckets)
+                Counter(b for piece in self.stream_pieces(epoch, k) for b in piece.buckets)
                 for k in range(self.streams)
             ]
             steps = {
@@ -156,11 +183,21 @@ class LatentStream:
             self._plans[epoch] = [plan[i] for i in order]
         return self._plans[epoch]
 
-    def bucket_summary(self) -> tuple[str, int]:
-        """(one line on how epoch 0 uses the buckets, samples it leaves out). A bucket
-        whose samples cannot fill one global batch is not trained: it is named."""
+    def epoch_summary(self) -> tuple[str, int]:
+        """(one line on what epoch 0 leaves out, or "" when nothing; how many samples).
+        Without buckets that is the tail that fills no whole global batch; with
+        buckets, each bucket's remainder, and a bucket too small for one global batch
+        is named (it is not trained)."""
         if self.buckets is None:
-            return "", 0
+            left = self.total - self.steps_in_epoch(0) * self.global_batch
+            if not left:
+                return "", 0
+            return (
+                f"data: {self.total} train samples, {self.steps_in_epoch(0)} global batches "
+                f"of {self.global_batch} per epoch; {left} left out each epoch (fewer than "
+                "a batch per stream; the shard order changes every epoch)",
+                left,
+            )
         plan = Counter(self.bucket_plan(0))
         held = Counter(b for ref in self.shards for b in ref.buckets)
         parts, unused = [], 0
@@ -184,15 +221,15 @@ class LatentStream:
     def steps_in_epoch(self, epoch: int) -> int:
         if self.buckets is not None:
             return len(self.bucket_plan(epoch))
-        if epoch not in self._lengths:
-            sizes = [
-                sum(s.samples for s in self._stream_shards(epoch, k)) for k in range(self.streams)
-            ]
-            self._lengths[epoch] = min(sizes) // self.per_stream
-        return self._lengths[epoch]
+        # Every epoch cuts the same total into the same ranges: the smallest holds
+        # total // streams samples.
+        return (self.total // self.streams) // self.per_stream
 
     def position(self, micro_step: int) -> tuple[int, int]:
         """(epoch, batch within the epoch) of a micro-step."""
+        if self.buckets is None:
+            per_epoch = self.steps_in_epoch(0)
+            return micro_step // per_epoch, micro_step % per_epoch
         epoch = 0
         while micro_step >= self.steps_in_epoch(epoch):
             micro_step -= self.steps_in_epoch(epoch)
@@ -200,6 +237,8 @@ class LatentStream:
         return epoch, micro_step
 
     def micro_steps_for_epochs(self, epochs: int) -> int:
+        if self.buckets is None:
+            return epochs * self.steps_in_epoch(0)
         return sum(self.steps_in_epoch(e) for e in range(epochs))
 
     # -- reading -------------------------------------------------------------------------
@@ -208,9 +247,12 @@ class LatentStream:
         """Raw records of one stream in one epoch, through the shuffle buffer."""
         rng = np.random.default_rng([self.seed, epoch, stream, 1])
         buffer: list[dict[str, bytes]] = []
-        for ref in self._stream_shards(epoch, stream):
+        for piece in self.stream_pieces(epoch, stream):
+            ref = piece.ref
             for n, record in enumerate(read_shard(ref.path)):
-                if n >= ref.samples:
+                if n < piece.start:  # (the neighbour's part of a shared shard)
+                    continue
+                if n >= piece.stop:
                     break
                 if ref.buckets is not None:  # from the manifest: no need to read the JSON
                     record["__bucket__"] = ref.buckets[n]
