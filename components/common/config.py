@@ -167,7 +167,9 @@ class TrainConfig(Section):
     offload_ema: bool = False
     foreach_ema: bool = False
     # Memory / speed.
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # null: the launcher's (`accelerate launch --mixed_precision`), else "no"; a value
+    # that disagrees with the launcher's is an error.
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None
     gradient_checkpointing: bool = False
     allow_tf32: bool = False
     enable_xformers_memory_efficient_attention: bool = False
@@ -180,6 +182,9 @@ class TrainConfig(Section):
     checkpointing_steps: int = Field(100, ge=1)
     checkpoints_total_limit: int | None = Field(2, ge=1)
     resume_from_checkpoint: str | None = "latest"
+    # An explicit resume_from_checkpoint of another config or data is refused unless
+    # this is true (then its weights, optimizer state and step are taken as they are).
+    resume_other_run: bool = False
     # Monitoring.
     validation_prompts: list[str] | None = None
     validation_epochs: int = Field(5, ge=1)
@@ -219,6 +224,8 @@ class GateConfig(Section):
     min_clip_score_delta: float | None = None
     # tuned FD / base FD (distribution distance to the held-out images).
     max_fd_ratio: float | None = Field(None, gt=0)
+    # tuned FID / base FID (needs evaluate.inception_weights).
+    max_fid_ratio: float | None = Field(None, gt=0)
 
 
 class EvaluateConfig(Section):
@@ -239,8 +246,8 @@ class EvaluateConfig(Section):
     # folder. Usual for SD 1.x: openai/clip-vit-large-patch14 and facebook/dinov2-base.
     clip_model: str = "tiny"
     fd_model: str = "tiny"
-    # FID with Inception-v3: a local copy of the torch-fidelity weights
-    # (pt_inception-2015-12-05-6726825d.pth; the `fid` extra). null: no FID.
+    # FID: a local copy of NVIDIA's TorchScript Inception, inception-2015-12-05.pt (the
+    # file StyleGAN2-ADA and clean-fid load). null: no FID.
     inception_weights: str | None = None
     gate: GateConfig = GateConfig()
 
@@ -250,6 +257,15 @@ class EvaluateConfig(Section):
         if isinstance(values, dict) and "max_val_loss_ratio" in values:
             raise ValueError("max_val_loss_ratio moved to evaluate.gate.max_val_loss_ratio")
         return values
+
+    @model_validator(mode="after")
+    def _gate_metrics_computed(self) -> EvaluateConfig:
+        if self.gate.max_fid_ratio is not None and self.inception_weights is None:
+            raise ValueError(
+                "gate.max_fid_ratio needs evaluate.inception_weights (FID is computed only "
+                "with the Inception file); set it, or set gate.max_fid_ratio: null"
+            )
+        return self
 
     @field_validator("prompts")
     @classmethod

@@ -6,7 +6,10 @@
   with the feature extractor as a custom module) between the samples of the held-out
   captions and the real held-out images. KID is unbiased (polynomial-kernel MMD) and
   averaged over random subsets drawn from `seed`; its std over the subsets is reported.
-- FID with Inception-v3 when `evaluate.inception_weights` names local weights.
+- FID when `evaluate.inception_weights` names a local copy of NVIDIA's TorchScript
+  export of the 2015-12-05 Inception graph (`inception-2015-12-05.pt`, the file
+  StyleGAN2-ADA and clean-fid load): the standard FID, comparable with published
+  numbers, on plain torch (no torchvision, no torch-fidelity).
 
 Models: `tiny` (built from the seed, `components/common/tiny.py`), a hub id (from the
 Hugging Face cache when HF_HUB_OFFLINE is set) or a local folder. Loading failures are
@@ -22,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from components.common.config import EvaluateConfig
-from components.common.errors import ConfigError
+from components.common.errors import ConfigError, first_line
 from components.common.models import hub_offline
 
 
@@ -30,7 +33,7 @@ from components.common.models import hub_offline
 class Scorers:
     clip: object  # (model, processor) as torchmetrics' CLIPScore takes them
     features: torch.nn.Module  # images (uint8 N,3,H,W) -> features (N, d)
-    inception_weights: str | None
+    inception: torch.nn.Module | None = None  # FID's: images -> (N, 2048)
 
 
 class _ClipFeatures(torch.nn.Module):
@@ -72,13 +75,57 @@ class ImageFeatures(torch.nn.Module):
         return (pooled if pooled is not None else out.last_hidden_state[:, 0]).float()
 
 
+class InceptionFeatures(torch.nn.Module):
+    """FID's Inception as torchmetrics' custom feature extractor: uint8 images (N,3,H,W)
+    resized (bilinear) to 299x299 and given as floats in 0..255, as the TorchScript
+    export expects, to its 2048 pool features."""
+
+    num_features = 2048
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    @torch.inference_mode()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float()
+        if tuple(x.shape[-2:]) != (299, 299):
+            x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        return self.net(x, return_features=True).float()
+
+
+def load_inception(path: str, device="cpu") -> InceptionFeatures:
+    """The TorchScript Inception at `path`, checked to give (N, 2048) features.
+    ConfigError naming `evaluate.inception_weights` when it is missing or not that."""
+    if not Path(path).is_file():
+        raise ConfigError(f"evaluate.inception_weights {path!r}: no such file")
+    try:
+        net = torch.jit.load(str(path), map_location="cpu").eval()
+        model = InceptionFeatures(net).to(device)
+        out = model(torch.full((1, 3, 299, 299), 128, dtype=torch.uint8, device=device))
+    except (RuntimeError, ValueError, TypeError, torch.jit.Error) as e:
+        raise ConfigError(
+            f"evaluate.inception_weights {path!r}: not a TorchScript Inception called as "
+            "model(images, return_features=True) (NVIDIA's inception-2015-12-05.pt): "
+            f"{first_line(e, 160)}"
+        ) from e
+    if tuple(out.shape) != (1, 2048):
+        raise ConfigError(
+            f"evaluate.inception_weights {path!r}: gives features of shape "
+            f"{tuple(out.shape)} for one image, not (1, 2048)"
+        )
+    return model
+
+
 def load_scorers(cfg: EvaluateConfig, device) -> Scorers:
-    """The CLIP and feature models (ConfigError naming the key when one cannot load)."""
+    """The CLIP, feature and (with `inception_weights`) Inception models; ConfigError
+    naming the key when one cannot load."""
+    inception = None
     if cfg.inception_weights is not None:
-        _check_inception(cfg.inception_weights)
+        inception = load_inception(cfg.inception_weights, device)
     clip = _load("evaluate.clip_model", cfg.clip_model, lambda: _clip(cfg, device))
     features = _load("evaluate.fd_model", cfg.fd_model, lambda: _features(cfg, device))
-    return Scorers(clip, features, cfg.inception_weights)
+    return Scorers(clip, features, inception)
 
 
 def _load(key: str, name: str, build):
@@ -125,18 +172,6 @@ def _features(cfg: EvaluateConfig, device) -> ImageFeatures:
     return ImageFeatures(model.eval(), size, mean, std).to(device)
 
 
-def _check_inception(path: str) -> None:
-    if not Path(path).is_file():
-        raise ConfigError(f"evaluate.inception_weights {path!r}: no such file")
-    try:
-        import torch_fidelity  # noqa: F401
-    except ImportError:
-        raise ConfigError(
-            "evaluate.inception_weights needs torch-fidelity (and torchvision, which it "
-            "imports): pip install -e '.[fid]' with the torchvision build that matches torch"
-        ) from None
-
-
 def clip_scores(scorers: Scorers, images: list[torch.Tensor], prompts: list[str]) -> list[float]:
     """CLIP score of each image (uint8 3,H,W) against its prompt."""
     from torchmetrics.multimodal import CLIPScore
@@ -162,7 +197,7 @@ class Distances:
 def distances(
     scorers: Scorers, real: torch.Tensor, fake: torch.Tensor, seed: int, subsets: int = 100
 ) -> Distances:
-    """FD (features of `scorers.features`), KID and, with Inception weights, FID between
+    """FD (features of `scorers.features`), KID and, with the Inception, FID between
     uint8 image batches `real` and `fake` (N,3,H,W)."""
     import warnings
 
@@ -182,10 +217,8 @@ def distances(
         torch.manual_seed(seed)  # KID's subsets
         kid_mean, kid_std = kid.compute()
     out = Distances(float(fd.compute()), float(kid_mean), float(kid_std), n)
-    if scorers.inception_weights:
-        fid = FrechetInceptionDistance(
-            feature=2048, feature_extractor_weights_path=scorers.inception_weights
-        )
+    if scorers.inception is not None:
+        fid = FrechetInceptionDistance(feature=scorers.inception)
         fid.update(real, real=True)
         fid.update(fake, real=False)
         out.fid = float(fid.compute())
