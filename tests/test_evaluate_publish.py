@@ -120,8 +120,9 @@ def test_gate_reasons_reach_the_publish_receipt(trained, tiny_model, latents, sh
         (["evaluate.fd_model=nobody/no-such-dino"], "evaluate.fd_model 'nobody/no-such-dino'"),
         (["evaluate.heldout_captions=500"], "evaluate.heldout_captions=500, but the validation"),
         (["evaluate.prompts=[]"], "evaluate.prompts"),
-        (["evaluate.inception_weights=/no/such.pth"], "evaluate.inception_weights"),
-        (["evaluate.inception_weights=params.yaml"], "needs torch-fidelity"),  # a file
+        (["evaluate.inception_weights=/no/such.pt"], "evaluate.inception_weights"),
+        (["evaluate.inception_weights=params.yaml"], "not a TorchScript Inception"),  # a file
+        (["evaluate.gate.max_fid_ratio=1.2"], "gate.max_fid_ratio needs evaluate.inception"),
         (["evaluate.max_val_loss_ratio=2"], "moved to evaluate.gate.max_val_loss_ratio"),
     ],
 )
@@ -377,3 +378,121 @@ def test_no_validation_samples_is_one_line_exit_2(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no validation samples" in err
     assert "pack.val_fraction" in err and not (tmp_path / "e").exists()
+
+
+def _fake_inception(path):
+    """A TorchScript module with the interface of NVIDIA's inception-2015-12-05.pt:
+    model(images, return_features=True) on float NCHW 299x299 images in 0..255 gives
+    (N, 2048) features. Its features are a fixed projection of pooled colours."""
+    import torch
+
+    class FakeInception(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            g = torch.Generator().manual_seed(0)
+            self.register_buffer("proj", torch.randn(3 * 16, 2048, generator=g))
+
+        def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+            assert x.dtype == torch.float32 and x.shape[2] == 299 and x.shape[3] == 299
+            assert return_features and float(x.max()) > 1.0  # 0..255, not 0..1
+            pooled = torch.nn.functional.adaptive_avg_pool2d(x / 255.0, 4).flatten(1)
+            return pooled @ self.proj
+
+    torch.jit.script(FakeInception()).save(str(path))
+    return path
+
+
+def test_fid_from_a_torchscript_inception_reaches_metrics_report_card_and_gate(
+    trained, tiny_model, latents, shards, tmp_path
+):
+    from components.common.config import GateConfig
+    from components.publish.card import render_card
+
+    weights = _fake_inception(tmp_path / "inception-2015-12-05.pt")
+    cfg = EVAL.model_copy(
+        update={
+            "images_per_prompt": 1,
+            "inception_weights": str(weights),
+            "gate": GateConfig(max_val_loss_ratio=1.0, max_fid_ratio=1e-9),
+        }
+    )
+    report = evaluate.run(
+        cfg, trained[0] / "model", tiny_model, latents, tmp_path / "e", shards=shards
+    )
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert metrics["base_fid"] > 0 and metrics["tuned_fid"] > 0
+    assert metrics["fid_ratio"] == pytest.approx(metrics["tuned_fid"] / metrics["base_fid"])
+    assert not report.gate_passed and "fid_ratio" in report.summary()  # nothing is 1e-9x
+    assert "FID" in (tmp_path / "e" / "report.html").read_text()
+    record = read_evaluation_record(tmp_path / "e")
+    assert "fid" in {c.key for c in record.comparisons}
+    from components.common.records import read_train_record
+
+    card = render_card(
+        repo_id=None,
+        name="m",
+        license_=None,
+        version=1,
+        train=read_train_record(trained[0] / "model"),
+        evaluation=record,
+        lineage={"source": {}, "pack": {"manifest_sha256": ""}, "train": {"config_sha256": ""},
+                 "unet_sha256": ""},
+    )  # fmt: skip
+    assert "FID" in card
+
+
+def test_the_held_out_loss_compares_like_with_like_for_a_v_prediction_fine_tune(
+    tiny_model, latents
+):
+    """A v-prediction fine-tune of an epsilon base: the base's output is scored as the v
+    it implies (v = (eps - s*x_t) / a), the same quantity as the tuned model's, never
+    its own epsilon loss against the tuned model's v loss."""
+    import torch
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    from components.common.records import load_latent_split, read_latent_manifest
+
+    base = StableDiffusionPipeline.from_pretrained(tiny_model)
+    v_config = {**base.scheduler.config, "prediction_type": "v_prediction"}
+    target = DDPMScheduler.from_config(v_config)
+    val = load_latent_split(latents, "val")
+    cfg = EvaluateConfig(val_timesteps=[100, 700])
+    factor = read_latent_manifest(latents).vae_scaling_factor
+    converted = evaluate.held_out_loss(base, val, cfg, factor, target)
+
+    class PredictsV(torch.nn.Module):
+        """The base UNet, converting its own epsilon output to v (the test's own sum)."""
+
+        def __init__(self, unet):
+            super().__init__()
+            self.unet = unet
+
+        def forward(self, x, t, hidden, return_dict=False):
+            a = target.alphas_cumprod[t].view(-1, 1, 1, 1)
+            eps = self.unet(x, t, hidden, return_dict=False)[0]
+            return ((eps - (1 - a).sqrt() * x) / a.sqrt(),)
+
+    from types import SimpleNamespace
+
+    as_v = SimpleNamespace(
+        unet=PredictsV(base.unet), text_encoder=base.text_encoder, device=base.device,
+        scheduler=target,
+    )  # fmt: skip
+    expected = evaluate.held_out_loss(as_v, val, cfg, factor)
+    assert converted == pytest.approx(expected, rel=1e-5)
+    own = evaluate.held_out_loss(base, val, cfg, factor)  # its epsilon loss: another number
+    assert own[700] != pytest.approx(converted[700], rel=1e-3)
+    pipes = {"base": base, "tuned": as_v}
+    assert "base model's epsilon output converted to v_prediction" in evaluate.loss_basis(
+        pipes, target
+    )
+
+
+def test_grid_row_labels_wrap_whole_words():
+    long = "a purple diamond on an orange background, softly lit, with a thin border"
+    cfg = EVAL.model_copy(update={"prompts": [long], "images_per_prompt": 1})
+    blank = Image.new("RGB", (32, 32), "white")
+    grid = evaluate.sample_grid({"base": [blank], "tuned": [blank]}, [(long, 0)], cfg)
+    label = grid.crop((0, 20, 220, 20 + evaluate.CELL)).convert("L")
+    rows = [y for y in range(label.height) if min(label.crop((0, y, 220, y + 1)).getdata()) < 128]
+    assert rows and rows[-1] - rows[0] > 24  # at least three lines of text, not one cut line

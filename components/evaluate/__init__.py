@@ -92,8 +92,10 @@ def run(
         "base": load_pipeline(base_model).to(device),
         "tuned": load_pipeline(model, base_model).to(device),  # an adapter: base + adapter
     }
+    target = training_scheduler_of(pipes["tuned"])
     per_t = {
-        name: held_out_loss(p, val, cfg, manifest.vae_scaling_factor) for name, p in pipes.items()
+        name: held_out_loss(p, val, cfg, manifest.vae_scaling_factor, target)
+        for name, p in pipes.items()
     }
     jobs = [(p, cfg.seed + i) for p in cfg.prompts for i in range(cfg.images_per_prompt)]
     held_jobs = [(c, cfg.seed + 100_000 + j) for j, c in enumerate(heldout.captions)]
@@ -129,6 +131,7 @@ def run(
                 "sampling",
                 f"{cfg.scheduler}, {cfg.num_inference_steps} steps, guidance {cfg.guidance_scale}",
             ),
+            ("held-out loss", loss_basis(pipes, target)),
             ("CLIP", cfg.clip_model),
             ("features", cfg.fd_model),
         ],
@@ -184,7 +187,9 @@ def _comparisons(losses, clip, dist) -> list[Comparison]:
         ("kid_std", "KID std over subsets", _of(dist, "kid_std"), "lower"),
     ]
     if dist["base"].fid is not None:
-        rows.append(("fid", "FID (Inception-v3)", _of(dist, "fid"), "lower"))
+        rows.append(
+            ("fid", "FID (Inception 2015-12-05, vs held-out images)", _of(dist, "fid"), "lower")
+        )
     return [
         Comparison(key=key, label=label, base=v["base"], tuned=v["tuned"], better=better)
         for key, label, v, better in rows
@@ -204,6 +209,8 @@ def _metrics(comparisons: list[Comparison], val_samples: int, heldout: int) -> d
     metrics["val_loss_ratio"] = m["tuned_val_loss"] / m["base_val_loss"]
     metrics["clip_score_delta"] = m["tuned_clip_score"] - m["base_clip_score"]
     metrics["fd_ratio"] = m["tuned_fd"] / m["base_fd"] if m["base_fd"] > 0 else float("inf")
+    if "base_fid" in m:
+        metrics["fid_ratio"] = m["tuned_fid"] / m["base_fid"] if m["base_fid"] > 0 else float("inf")
     metrics["val_samples"] = val_samples
     metrics["heldout_images"] = heldout
     return metrics
@@ -215,6 +222,7 @@ def gate_checks(gate: GateConfig, metrics: dict) -> list[GateCheck]:
         ("val_loss_ratio", gate.max_val_loss_ratio, "<="),
         ("clip_score_delta", gate.min_clip_score_delta, ">="),
         ("fd_ratio", gate.max_fd_ratio, "<="),
+        ("fid_ratio", gate.max_fid_ratio, "<="),
     ]
     checks = []
     for name, threshold, comparison in spec:
@@ -270,16 +278,42 @@ def _save_samples(images: dict[str, list[Image.Image]], jobs, out: Path) -> list
     return samples
 
 
-@torch.inference_mode()
-def held_out_loss(
-    pipe, val: list[dict], cfg: EvaluateConfig, scaling_factor: float, batch_size: int = 64
-) -> dict[int, float]:
-    """Mean loss per timestep over the validation samples, by training's own
-    `denoising_loss`, with the same ε and noise for every model. Min-SNR weighting is
-    left off: at one timestep it is a constant factor, the same for both models."""
+def training_scheduler_of(pipe):
+    """The DDPM training scheduler of a pipeline's config: its prediction type is the
+    fine-tune's objective."""
     from diffusers import DDPMScheduler
 
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training scheduler
+    return DDPMScheduler.from_config(pipe.scheduler.config)
+
+
+def loss_basis(pipes: dict, target) -> str:
+    """How the held-out losses were made comparable, for the report."""
+    kind = target.config.prediction_type
+    own = {name: p.scheduler.config.prediction_type for name, p in pipes.items()}
+    text = f"both models scored on the fine-tune's {kind} target (what training minimised)"
+    converted = [f"the {name} model's {k} output" for name, k in own.items() if k != kind]
+    if converted:
+        text += f"; {', '.join(converted)} converted to {kind} before scoring"
+    return text
+
+
+@torch.inference_mode()
+def held_out_loss(
+    pipe,
+    val: list[dict],
+    cfg: EvaluateConfig,
+    scaling_factor: float,
+    target_scheduler=None,
+    batch_size: int = 64,
+) -> dict[int, float]:
+    """Mean loss per timestep over the validation samples, by training's own
+    `denoising_loss`, with the same ε and noise for every model. The target is
+    `target_scheduler`'s kind (the fine-tune's; default the pipeline's own): a model
+    that predicts another kind has its output converted, so base and fine-tuned are
+    scored on one quantity. Min-SNR weighting is left off: at one timestep it is a
+    constant factor, the same for both models."""
+    scheduler = target_scheduler or training_scheduler_of(pipe)
+    own = pipe.scheduler.config.prediction_type
     device = pipe.device
     losses = {}
     for t in cfg.val_timesteps:
@@ -300,6 +334,7 @@ def held_out_loss(
                 timesteps,
                 hidden,
                 reduction="none",
+                model_prediction=own,
             )
             total += per_sample.sum().item()
         losses[t] = total / len(val)
@@ -321,9 +356,12 @@ def _same_shape_batches(val: list[dict], batch_size: int) -> list[list[dict]]:
 
 def sample_grid(images: dict[str, list[Image.Image]], jobs, cfg: EvaluateConfig) -> Image.Image:
     """Rows: prompts; columns: each model's images, one per seed (same seeds)."""
+    import textwrap
+
     label_w, k = 220, cfg.images_per_prompt
     cols = [(name, i) for name in images for i in range(k)]
     width = label_w + CELL * len(cols) + 8 * (len(images) - 1)
+    line_h, max_lines = 12, CELL // 12
     grid = Image.new("RGB", (width, 20 + CELL * len(cfg.prompts)), "white")
     draw = ImageDraw.Draw(grid)
 
@@ -334,7 +372,11 @@ def sample_grid(images: dict[str, list[Image.Image]], jobs, cfg: EvaluateConfig)
         draw.text((x_of(col) + 4, 4), f"{name} s{jobs[i][1]}", fill="black")
     for row, prompt in enumerate(cfg.prompts):
         y = 20 + row * CELL
-        draw.text((4, y + CELL // 2), prompt[:36], fill="black")
+        # Whole words, wrapped to the label column (PIL's default font: ~6 px a letter).
+        lines = textwrap.wrap(prompt, width=34, max_lines=max_lines, placeholder=" ...")
+        top = y + (CELL - line_h * len(lines)) // 2
+        for n, line in enumerate(lines):
+            draw.text((4, top + n * line_h), line, fill="black")
         for col, (name, i) in enumerate(cols):
             image = images[name][row * k + i]
             grid.paste(image.resize((CELL, CELL), Image.NEAREST), (x_of(col), y))
