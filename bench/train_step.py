@@ -176,9 +176,9 @@ def time_variant(args, models, variant: str, batch: int) -> dict:
                     sched,
                     cached,
                     StepDraws(0, i, slice(0, batch), device),
-                    vae.config.scaling_factor,
-                    batch,
-                    device,
+                    scaling_factor=vae.config.scaling_factor,
+                    global_batch=batch,
+                    device=device,
                 )
         loss.backward()
         opt.step()

@@ -155,6 +155,12 @@ def upload_folder(client, bucket: str, folder: Path, prefix: str) -> None:
             client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder).as_posix()}")
 
 
+def run_folder(checkpoint_root: Path) -> Path:
+    """The one run's folder under a checkpoint root (`<fingerprint>-<steps>`)."""
+    (folder,) = [p for p in Path(checkpoint_root).iterdir() if p.is_dir()]
+    return folder
+
+
 def train_then_resume(cfg, latents, model, root: Path, drop: str):
     """Train `cfg` straight through in `root/a`, then again in `root/b` from a copy of
     its checkpoints less `drop` (a "crash" before that one). Returns (straight report,
@@ -164,5 +170,5 @@ def train_then_resume(cfg, latents, model, root: Path, drop: str):
     a, b = root / "a", root / "b"
     straight = train_unet.run(cfg, latents, model, a / "m", a / "t", a / "c")
     shutil.copytree(a / "c", b / "c")
-    shutil.rmtree(b / "c" / drop)
+    shutil.rmtree(run_folder(b / "c") / drop)
     return straight, train_unet.run(cfg, latents, model, b / "m", b / "t", b / "c")

@@ -84,7 +84,7 @@ def test_batches_come_from_one_bucket_and_every_shape_trains(mixed):
     for _, batch in itertools.islice(stream.batches(0), 2 * stream.steps_in_epoch(0)):
         shapes.add(tuple(batch["mean"].shape[2:]))  # stacked: one shape per batch
     assert shapes == {(8, 8), (6, 10), (10, 6)}  # (H, W) of 32x32, 40x24, 24x40 at 1/4
-    line, unused = stream.bucket_summary()
+    line, unused = stream.epoch_summary()
     assert "64x16: 2 samples, 0 batches (too few for a global batch of 4: not trained" in line
     assert unused >= 2
 

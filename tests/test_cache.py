@@ -109,9 +109,9 @@ def test_loss_from_cached_moments_equals_encoding_on_the_fly(
             scheduler,
             batch,
             _FixedDraws(eps, noise, timesteps),
-            vae.config.scaling_factor,
-            1,
-            "cpu",
+            scaling_factor=vae.config.scaling_factor,
+            global_batch=1,
+            device="cpu",
         )
     assert abs(ours.item() - expected.item()) <= tolerance * abs(expected.item())
 
@@ -226,10 +226,9 @@ def test_torchrun_two_processes_share_the_work(shards, tiny_model, latents, tmp_
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",  # a free port for the rendezvous, not a fixed one
         "--nproc_per_node",
         "2",
-        "--master_port",
-        "29517",
         "-m",
         "components.cli",
         "cache",

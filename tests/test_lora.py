@@ -7,15 +7,16 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from components import evaluate, publish, train_unet
 from components.common.config import PublishConfig, TrainConfig
 from components.common.errors import ConfigError, T2IError
 from components.common.models import ADAPTER_WEIGHTS, load_pipeline
-from components.common.records import read_train_record
+from components.common.records import read_evaluation_record, read_train_record
 
-from .conftest import EVAL, REPO, TRAIN
+from .conftest import EVAL, REPO, TRAIN, run_folder
 from .test_train import _KILL_AFTER_CHECKPOINT, RESUME
 
 LORA = TRAIN.model_copy(
@@ -60,7 +61,7 @@ def test_lora_trains_an_adapter_that_diffusers_loads_onto_the_base(lora_trained,
     assert torch.allclose(loaded, merged, atol=1e-5)
     assert (loaded - base).abs().max() > 1e-3
     # checkpoints hold the adapter alone, not a copy of the frozen UNet
-    ckpt = root / "ckpt" / "checkpoint-30"
+    ckpt = run_folder(root / "ckpt") / "checkpoint-30"
     assert (ckpt / "lora_adapter.safetensors").is_file() and not (ckpt / "unet").exists()
 
 
@@ -119,7 +120,7 @@ def test_lora_sigkill_then_resume_is_bit_exact(latents, tiny_model, tmp_path):
     )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)  # EMA weights
     sa, sb = (
-        torch.load(root / "ckpt/checkpoint-12/training_state.pt", weights_only=True)
+        torch.load(run_folder(root / "ckpt") / "checkpoint-12/training_state.pt", weights_only=True)
         for root in (tmp_path, straight)
     )
     assert sa["ema"]["optimization_step"] == 12
@@ -127,19 +128,23 @@ def test_lora_sigkill_then_resume_is_bit_exact(latents, tiny_model, tmp_path):
         torch.equal(x, y)
         for x, y in zip(sa["ema"]["shadow_params"], sb["ema"]["shadow_params"], strict=True)
     )
-    raw = "ckpt/checkpoint-12/lora_adapter.safetensors"
-    a, b = load_file(tmp_path / raw), load_file(straight / raw)
+    raw = "checkpoint-12/lora_adapter.safetensors"
+    a, b = (load_file(run_folder(root / "ckpt") / raw) for root in (tmp_path, straight))
     assert all(torch.equal(a[k], b[k]) for k in b)
     assert (tmp_path / "train/loss.csv").read_text() == (straight / "train/loss.csv").read_text()
 
 
 def test_a_full_checkpoint_is_not_resumed_into_a_lora_run(trained, latents, tiny_model, tmp_path):
     """Another config is another run fingerprint: `latest` starts afresh; naming the
-    full run's checkpoint explicitly is refused in one line."""
-    path = str(trained[0] / "checkpoints" / "checkpoint-30")
+    full run's checkpoint explicitly is refused in one line, and still is when the
+    user asks to resume another run (its kind of checkpoint cannot be loaded)."""
+    path = str(run_folder(trained[0] / "checkpoints") / "checkpoint-30")
     cfg = LORA.model_copy(update={"resume_from_checkpoint": path})
-    with pytest.raises(ConfigError, match="a full fine-tune's checkpoint; this run trains LoRA"):
+    with pytest.raises(ConfigError, match="another run's checkpoint .*lora_rank 0 -> 4"):
         train_unet.run(cfg, latents, tiny_model, tmp_path / "m", tmp_path / "t", tmp_path / "c")
+    forced = cfg.model_copy(update={"resume_other_run": True})
+    with pytest.raises(ConfigError, match="a full fine-tune's checkpoint; this run trains LoRA"):
+        train_unet.run(forced, latents, tiny_model, tmp_path / "m", tmp_path / "t", tmp_path / "c")
 
 
 # -- evaluate and publish ---------------------------------------------------------------
@@ -152,10 +157,34 @@ def lora_evaluation(lora_trained, tiny_model, latents, shards, tmp_path_factory)
     return out, report
 
 
-def test_evaluate_compares_the_base_with_base_plus_adapter(lora_evaluation):
+def test_evaluate_compares_the_base_with_base_plus_adapter(
+    lora_evaluation, lora_trained, tiny_model, latents
+):
+    """The "tuned" numbers and samples are those of the base with the adapter loaded
+    the way users load it (diffusers' load_lora_weights), the "base" ones the base's."""
+    from diffusers import StableDiffusionPipeline
+
+    from components.common.records import load_latent_split, read_latent_manifest
+    from components.evaluate.sampling import generate, use_scheduler
+
     out, report = lora_evaluation
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["tuned_val_loss"] != metrics["base_val_loss"]
+    base = StableDiffusionPipeline.from_pretrained(tiny_model)
+    with_adapter = StableDiffusionPipeline.from_pretrained(tiny_model)
+    with_adapter.load_lora_weights(lora_trained[0] / "model")
+    val = load_latent_split(latents, "val")
+    factor = read_latent_manifest(latents).vae_scaling_factor
+    for name, pipe in (("base", base), ("tuned", with_adapter)):
+        per_t = evaluate.held_out_loss(pipe, val, EVAL, factor)
+        assert metrics[f"{name}_val_loss"] == pytest.approx(sum(per_t.values()) / len(per_t))
+    assert metrics["tuned_val_loss"] < metrics["base_val_loss"]
+    use_scheduler(with_adapter, EVAL.scheduler)
+    first = read_evaluation_record(out).samples[0]
+    (image,) = generate(with_adapter, [(first.prompt, first.seed)], EVAL, 32)
+    import numpy as np
+
+    saved = np.asarray(Image.open(out / first.images["tuned"]), dtype=np.int16)
+    assert np.abs(np.asarray(image, dtype=np.int16) - saved).max() <= 2  # batched vs alone
     assert "LoRA adapter on the base" in (out / "report.html").read_text()
 
 
@@ -225,8 +254,10 @@ def test_an_adapter_without_its_weights_is_refused(lora_trained, lora_evaluation
 def test_a_lora_checkpoint_is_not_resumed_into_a_full_run(
     lora_trained, latents, tiny_model, tmp_path
 ):
-    path = str(lora_trained[0] / "ckpt" / "checkpoint-30")
-    cfg = TRAIN.model_copy(update={"resume_from_checkpoint": path, "report_to": "none"})
+    path = str(run_folder(lora_trained[0] / "ckpt") / "checkpoint-30")
+    cfg = TRAIN.model_copy(
+        update={"resume_from_checkpoint": path, "report_to": "none", "resume_other_run": True}
+    )
     with pytest.raises(
         ConfigError, match="a LoRA run's checkpoint; this run trains the whole UNet"
     ):

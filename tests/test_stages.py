@@ -225,7 +225,7 @@ def test_a_retried_train_pod_resumes_from_its_checkpoint_on_the_workspace(
     run_stage("train", retry)
     assert retry["train_metrics"].metrics["resumed_from_step"] == 10
     assert retry["train_metrics"].metrics["steps"] == 20
-    saved = list((tmp_path / "ws" / "checkpoints").glob("*/checkpoint-*"))
+    saved = list((tmp_path / "ws" / "checkpoints").glob("*/*/checkpoint-*"))
     assert {p.name for p in saved} >= {"checkpoint-10", "checkpoint-20"}
     # A run with other data gets its own checkpoints: nothing to resume from.
     other = pod(3)
@@ -234,21 +234,28 @@ def test_a_retried_train_pod_resumes_from_its_checkpoint_on_the_workspace(
     assert other["train_metrics"].metrics["resumed_from_step"] == 0
 
 
-def test_two_runs_take_turns_on_a_workspace_store(tmp_path, capsys):
+def test_two_runs_take_turns_on_a_workspace_store(tmp_path, capsys, monkeypatch):
     """A store is locked while a stage writes it: the second run waits for the first."""
-    import time
+    import fcntl
 
     store = tmp_path / "ws" / "pack" / "abc"
-    order = []
+    order, blocked = [], threading.Event()
+    real_flock = fcntl.flock
+
+    def flock(fd, operation):
+        if operation == fcntl.LOCK_EX:  # the blocking wait, after the non-blocking try failed
+            blocked.set()
+        return real_flock(fd, operation)
 
     def second():
         with stages._locked(store):
             order.append("second")
 
+    monkeypatch.setattr(stages.fcntl, "flock", flock)
     with stages._locked(store):
         waiter = threading.Thread(target=second)
         waiter.start()
-        time.sleep(0.3)
+        assert blocked.wait(10)  # the second run is waiting on the lock now
         order.append("first done")
     waiter.join(timeout=5)
     assert order == ["first done", "second"]

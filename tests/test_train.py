@@ -9,7 +9,7 @@ from components import train_unet
 from components.common.errors import ConfigError
 from components.train_unet import checkpoints
 
-from .conftest import TRAIN
+from .conftest import TRAIN, run_folder
 
 UNET = "unet/diffusion_pytorch_model.safetensors"
 
@@ -40,58 +40,113 @@ def test_output_is_a_loadable_pipeline_that_generates(trained):
 
 
 def test_checkpoints_are_committed_and_pruned(trained):
-    names = sorted(p.name for p in (trained[0] / "checkpoints").iterdir())
+    folder = run_folder(trained[0] / "checkpoints")
+    assert folder.name.endswith(f"-{TRAIN.max_train_steps}")  # <fingerprint>-<steps>
+    names = sorted(p.name for p in folder.iterdir())
     assert names == ["checkpoint-20", "checkpoint-30"]  # limit 2: checkpoint-10 pruned
-    assert all((trained[0] / "checkpoints" / n / "COMMITTED").is_file() for n in names)
+    assert all((folder / n / "COMMITTED").is_file() for n in names)
 
 
 def test_resume_latest_is_bit_exact(trained, latents, tiny_model, tmp_path):
     root, _ = trained
     shutil.copytree(root / "checkpoints", tmp_path / "checkpoints")
-    shutil.rmtree(tmp_path / "checkpoints" / "checkpoint-30")  # "crashed" after step 20
-    (tmp_path / "checkpoints" / "checkpoint-25.tmp").mkdir()  # a half-written one is ignored
+    folder = run_folder(tmp_path / "checkpoints")
+    shutil.rmtree(folder / "checkpoint-30")  # "crashed" after step 20
+    (folder / "checkpoint-25.tmp").mkdir()  # a half-written one is ignored
     report = train_unet.run(
         TRAIN, latents, tiny_model, tmp_path / "model", tmp_path / "train", tmp_path / "checkpoints"
     )
     assert report.resumed_from_step == 20
     resumed, straight = load_file(tmp_path / "model" / UNET), load_file(root / "model" / UNET)
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
-    a = torch.load(tmp_path / "checkpoints/checkpoint-30/training_state.pt", weights_only=True)
-    b = torch.load(root / "checkpoints/checkpoint-30/training_state.pt", weights_only=True)
+    a = torch.load(folder / "checkpoint-30/training_state.pt", weights_only=True)
+    b = torch.load(
+        run_folder(root / "checkpoints") / "checkpoint-30/training_state.pt", weights_only=True
+    )
     assert a["lr_scheduler"] == b["lr_scheduler"]
     for k, state in b["optimizer"]["state"].items():
         assert torch.equal(state["exp_avg_sq"], a["optimizer"]["state"][k]["exp_avg_sq"])
 
 
-def test_latest_ignores_checkpoints_of_another_run(trained, latents, tiny_model, tmp_path):
+def test_latest_ignores_checkpoints_of_another_run_says_so_and_keeps_them(
+    trained, latents, tiny_model, tmp_path, capsys
+):
     root, _ = trained
     shutil.copytree(root / "checkpoints", tmp_path / "checkpoints")
-    other = TRAIN.model_copy(update={"learning_rate": 5e-4, "max_train_steps": 2})
+    theirs = run_folder(tmp_path / "checkpoints")
+    other = TRAIN.model_copy(
+        update={"learning_rate": 5e-4, "max_train_steps": 3, "checkpointing_steps": 1}
+    )
     report = train_unet.run(
         other, latents, tiny_model, tmp_path / "model", tmp_path / "train", tmp_path / "checkpoints"
     )
-    assert report.resumed_from_step == 0 and report.steps == 2
+    assert report.resumed_from_step == 0 and report.steps == 3
+    out = capsys.readouterr().out
+    assert f"not resuming {theirs / 'checkpoint-30'}" in out
+    assert "train.learning_rate 0.001 -> 0.0005" in out and "kept" in out
+    # Its own three checkpoints pruned to two, in its own folder; the other run's intact.
+    assert sorted(p.name for p in theirs.iterdir()) == ["checkpoint-20", "checkpoint-30"]
+    (mine,) = [p for p in (tmp_path / "checkpoints").iterdir() if p != theirs]
+    assert sorted(p.name for p in mine.iterdir()) == ["checkpoint-2", "checkpoint-3"]
+
+
+def test_an_explicit_checkpoint_of_another_run_is_refused_unless_asked(
+    trained, latents, tiny_model, tmp_path, capsys
+):
+    theirs = run_folder(trained[0] / "checkpoints") / "checkpoint-20"
+    other = TRAIN.model_copy(
+        update={"learning_rate": 5e-4, "resume_from_checkpoint": str(theirs), "report_to": "none"}
+    )
+    with pytest.raises(ConfigError, match="another run's checkpoint .*learning_rate.*resume_other"):
+        train_unet.run(other, latents, tiny_model, tmp_path / "m", tmp_path / "t", tmp_path / "c")
+    assert not (tmp_path / "m").exists()
+    forced = other.model_copy(update={"resume_other_run": True})
+    report = train_unet.run(
+        forced, latents, tiny_model, tmp_path / "m", tmp_path / "t", tmp_path / "c"
+    )
+    assert report.resumed_from_step == 20 and report.steps == 30
+    assert "resuming another run's checkpoint" in capsys.readouterr().out
+
+
+def test_a_checkpoint_whose_data_position_disagrees_is_refused(
+    trained, latents, tiny_model, tmp_path
+):
+    from components.common.errors import T2IError
+
+    shutil.copytree(trained[0] / "checkpoints", tmp_path / "checkpoints")
+    state = run_folder(tmp_path / "checkpoints") / "checkpoint-30" / "state.json"
+    doc = json.loads(state.read_text())
+    doc["data_position"] = {"epoch": 0, "batch": 1}  # not where step 30 is
+    state.write_text(json.dumps(doc))
+    longer = TRAIN.model_copy(update={"max_train_steps": 31, "report_to": "none"})
+    with pytest.raises(T2IError, match="saved at epoch 0, batch 1, but this run's data puts"):
+        train_unet.run(
+            longer, latents, tiny_model, tmp_path / "m", tmp_path / "t", tmp_path / "checkpoints"
+        )
 
 
 def test_a_longer_runs_checkpoint_is_never_resumed_into_a_shorter_run(
     trained, latents, tiny_model, tmp_path, capsys
 ):
     """checkpoint-20/30 of the 30-step run; asking for 10 steps trains 10 from scratch
-    (DVC would otherwise record 10 steps for a 30-step model), and its own checkpoint
-    survives the pruning of the longer run's."""
+    (DVC would otherwise record 10 steps for a 30-step model), in a folder of its own:
+    the longer run's checkpoints are neither resumed nor pruned."""
     root, _ = trained
     shutil.copytree(root / "checkpoints", tmp_path / "checkpoints")
+    longer = run_folder(tmp_path / "checkpoints")
     short = TRAIN.model_copy(update={"max_train_steps": 10})
     report = train_unet.run(
         short, latents, tiny_model, tmp_path / "model", tmp_path / "train", tmp_path / "checkpoints"
     )
     assert report.resumed_from_step == 0 and report.steps == 10
-    assert "not resuming checkpoint-30: it belongs to a 30-step run" in capsys.readouterr().out
-    kept = {p.name for p in (tmp_path / "checkpoints").iterdir()}
-    assert kept == {"checkpoint-10", "checkpoint-30"}  # the oldest commit (20) was pruned
-    assert checkpoints.read_state(tmp_path / "checkpoints" / "checkpoint-10")["max_steps"] == 10
+    out = capsys.readouterr().out
+    assert f"not resuming {longer / 'checkpoint-30'}: it belongs to a 30-step run" in out
+    assert sorted(p.name for p in longer.iterdir()) == ["checkpoint-20", "checkpoint-30"]
+    shorter = tmp_path / "checkpoints" / (longer.name.rsplit("-", 1)[0] + "-10")
+    assert [p.name for p in shorter.iterdir()] == ["checkpoint-10"]
+    assert checkpoints.read_state(shorter / "checkpoint-10")["max_steps"] == 10
     with pytest.raises(ConfigError, match="at step 30, past train.max_train_steps=10"):
-        path = str(tmp_path / "checkpoints" / "checkpoint-30")
+        path = str(longer / "checkpoint-30")
         train_unet.run(
             short.model_copy(update={"resume_from_checkpoint": path}),
             latents,
@@ -114,10 +169,10 @@ def test_extending_a_run_resumes_it_and_says_so(trained, latents, tiny_model, tm
     )
     assert report.resumed_from_step == 30 and report.steps == 34
     out = capsys.readouterr().out
-    assert "extending a 30-step run from checkpoint-30 to 34 steps" in out
+    assert "extending a 30-step run from " in out and "checkpoint-30 to 34 steps" in out
     assert "LR schedule is recomputed" in out
     # The tracker run continues under the checkpoint's run id.
-    run_id = checkpoints.read_state(root / "checkpoints" / "checkpoint-30")["run_id"]
+    run_id = checkpoints.read_state(run_folder(root / "checkpoints") / "checkpoint-30")["run_id"]
     runs = [p.name for p in (tmp_path / "train" / "logs" / TRAIN.tracker_project_name).iterdir()]
     assert runs == [run_id]
 
@@ -133,7 +188,15 @@ def test_each_training_run_logs_to_its_own_tensorboard_run(trained, latents, tin
     assert len(runs) == 2 and all(list(r.glob("events.out.tfevents.*")) for r in runs)
 
 
-def test_v_prediction_and_accumulation_run(latents, tiny_model, tmp_path):
+def test_v_prediction_and_accumulation_run(latents, tiny_model, tmp_path, monkeypatch):
+    """samples_seen counts the micro-batches actually trained (2 steps x 2 micro-steps)."""
+    real, trained = train_unet.training_loss, []
+
+    def counted(unet, text_encoder, scheduler, batch, draws, **kw):
+        trained.append(len(batch["mean"]))
+        return real(unet, text_encoder, scheduler, batch, draws, **kw)
+
+    monkeypatch.setattr(train_unet, "training_loss", counted)
     cfg = TRAIN.model_copy(
         update={
             "prediction_type": "v_prediction",
@@ -144,9 +207,179 @@ def test_v_prediction_and_accumulation_run(latents, tiny_model, tmp_path):
     report = train_unet.run(
         cfg, latents, tiny_model, tmp_path / "model", tmp_path / "train", tmp_path / "ckpt"
     )
-    assert report.samples_seen == 2 * 2 * cfg.train_batch_size
+    assert trained == [cfg.train_batch_size] * 4
+    assert report.samples_seen == sum(trained)
     saved = json.loads((tmp_path / "model/scheduler/scheduler_config.json").read_text())
     assert saved["prediction_type"] == "v_prediction"
+
+
+@pytest.mark.filterwarnings("ignore:for .*copying from a non-meta parameter")
+def test_resumed_ema_lives_where_the_parameters_it_shadows_live(tiny_model, tmp_path):
+    """A checkpoint's EMA is read to the CPU; after `load` every shadow tensor is on the
+    device and dtype of its parameter (here "meta" stands in for a CUDA device), so the
+    next EMA step does not mix devices."""
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    from components.common.models import load_unet
+
+    def parts(device):
+        unet = load_unet(tiny_model).to(device)
+        optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3)
+        return unet, optimizer, get_scheduler("constant", optimizer), EMAModel(unet.parameters())
+
+    unet, optimizer, sched, ema = parts("cpu")
+    run = checkpoints.RunIdentity("f" * 64, {}, 10)
+    path = checkpoints.save(
+        tmp_path, 4, run, unet, optimizer, sched, None, keep=None, history=[], ema=ema
+    )
+    unet, optimizer, sched, ema = parts("meta")
+    assert checkpoints.load(path, unet, optimizer, sched, None, ema, ema_device="meta") == 4
+    for shadow, param in zip(ema.shadow_params, unet.parameters(), strict=True):
+        assert (shadow.device, shadow.dtype) == (param.device, param.dtype)
+    ema.step(unet.parameters())  # the step that crashed with CPU shadows and CUDA params
+
+
+def test_a_scheduler_that_predicts_the_sample_is_refused(latents, tiny_model, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    config = base / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "prediction_type": "sample"}))
+    with pytest.raises(ConfigError, match="prediction_type 'sample' cannot be trained"):
+        train_unet.run(TRAIN, latents, base, tmp_path / "m", tmp_path / "t", tmp_path / "c")
+    assert not (tmp_path / "m").exists()
+    ok = TRAIN.model_copy(update={"prediction_type": "epsilon", "max_train_steps": 1})
+    assert train_unet.run(ok, latents, base, tmp_path / "m", tmp_path / "t", tmp_path / "c").steps
+
+
+def test_the_launchers_mixed_precision_is_honoured_or_a_disagreement_named(
+    latents, tiny_model, tmp_path, monkeypatch
+):
+    from components.train_unet.setup import resolve_precision
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # accelerate launch sets it
+    unset = TRAIN.model_copy(update={"mixed_precision": None})
+    assert resolve_precision(unset).mixed_precision == "bf16"
+    assert resolve_precision(TRAIN.model_copy(update={"mixed_precision": "bf16"}))
+    with pytest.raises(
+        ConfigError, match="mixed_precision is 'no' but the launcher asks for 'bf16'"
+    ):
+        train_unet.run(
+            TRAIN.model_copy(update={"mixed_precision": "no"}), latents, tiny_model, tmp_path / "m"
+        )
+    assert not (tmp_path / "m").exists()
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    assert resolve_precision(unset).mixed_precision == "no"
+
+
+def test_variant_loads_only_the_frozen_parts(latents, tiny_model, tmp_path):
+    """Upstream trains the UNet's full-precision weights; `variant` is for the frozen
+    text encoder (and VAE). A folder whose fp16 variant differs proves which was read."""
+    from components.common.models import load_text_encoder, load_unet
+    from components.train_unet.setup import load_models
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    rounded = load_unet(base)
+    with torch.no_grad():
+        for p in rounded.parameters():
+            p.add_(1.0)
+    rounded.save_pretrained(base / "unet", variant="fp16", safe_serialization=True)
+    load_text_encoder(base).save_pretrained(base / "text_encoder", variant="fp16")
+    from components.common.records import read_latent_manifest
+
+    cfg = TRAIN.model_copy(update={"variant": "fp16"})
+    models = load_models(cfg, base, base, "cpu", read_latent_manifest(latents))
+    plain = load_unet(tiny_model).state_dict()
+    assert all(torch.equal(v, plain[k]) for k, v in models.unet.state_dict().items())
+    lora = cfg.model_copy(update={"lora_rank": 2})
+    frozen = load_models(lora, base, base, "cpu", read_latent_manifest(latents)).unet
+    key = "conv_in.weight"
+    assert torch.equal(frozen.state_dict()[key], rounded.state_dict()[key])  # LoRA: the variant
+
+
+def test_objective_options_match_the_upstream_formulas(latents, tiny_model):
+    """Each option against an independent computation of train_text_to_image.py's
+    formulas on the same fixed tensors (not merely "the loss changed")."""
+    from components.common.models import load_noise_scheduler, load_text_encoder, load_unet
+    from components.common.records import load_latent_split as load_split
+    from components.train_unet.objective import Objective, training_loss
+
+    samples = load_split(latents, "train")[:4]
+    batch = {k: torch.stack([s[k] for s in samples]) for k in ("mean", "logvar", "input_ids")}
+    unet, te = load_unet(tiny_model).eval(), load_text_encoder(tiny_model).eval()
+    g = torch.Generator().manual_seed(7)
+    shape = batch["mean"].shape
+    eps, noise = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    offset = torch.randn((4, shape[1], 1, 1), generator=g)
+    perturbation = torch.randn(shape, generator=g)
+    timesteps = torch.tensor([5, 40, 500, 900])  # SNR above and below 5
+    sf = 0.18215
+
+    class Scripted:
+        """The draws training_loss asks for, in its order: eps, noise, [offset], [pert]."""
+
+        def __init__(self, objective):
+            self.values = [eps, noise]
+            self.values += [offset] if objective.noise_offset else []
+            self.values += [perturbation] if objective.input_perturbation else []
+
+        def randn(self, shape_):
+            value = self.values.pop(0)
+            assert tuple(value.shape) == tuple(shape_)
+            return value
+
+        def randint(self, high, n):
+            return timesteps
+
+    def reference(sched, o: Objective) -> torch.Tensor:
+        a = sched.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+        x0 = (batch["mean"] + torch.exp(0.5 * batch["logvar"]) * eps) * sf
+        n = noise + o.noise_offset * offset if o.noise_offset else noise
+        fed = n + o.input_perturbation * perturbation if o.input_perturbation else n
+        noisy = a.sqrt() * x0 + (1 - a).sqrt() * fed
+        v = sched.config.prediction_type == "v_prediction"
+        target = a.sqrt() * n - (1 - a).sqrt() * x0 if v else n
+        hidden = te(batch["input_ids"])[0]
+        if o.dream_training:  # diffusers' compute_dream_and_update_latents, epsilon
+            pred = unet(noisy, timesteps, hidden).sample
+            delta = (n - pred) * (1 - a).sqrt() ** o.dream_detail_preservation
+            noisy, target = noisy + (1 - a).sqrt() * delta, target + delta
+        pred = unet(noisy, timesteps, hidden).sample
+        per_sample = ((pred - target) ** 2).mean(dim=(1, 2, 3))
+        if o.snr_gamma is not None:
+            snr = (a / (1 - a)).flatten()
+            weight = torch.minimum(snr, torch.full_like(snr, o.snr_gamma))
+            per_sample = per_sample * weight / ((snr + 1) if v else snr)
+        return per_sample.mean()
+
+    cases = [
+        ("epsilon", Objective()),
+        ("v_prediction", Objective()),
+        ("epsilon", Objective(snr_gamma=5.0)),
+        ("v_prediction", Objective(snr_gamma=5.0)),
+        ("epsilon", Objective(noise_offset=0.1)),
+        ("epsilon", Objective(input_perturbation=0.1)),
+        ("v_prediction", Objective(noise_offset=0.1, input_perturbation=0.1, snr_gamma=2.0)),
+        ("epsilon", Objective(dream_training=True, dream_detail_preservation=0.5)),
+    ]
+    for prediction, objective in cases:
+        sched = load_noise_scheduler(tiny_model)
+        sched.register_to_config(prediction_type=prediction)
+        with torch.no_grad():
+            ours = training_loss(
+                unet,
+                te,
+                sched,
+                batch,
+                Scripted(objective),
+                scaling_factor=sf,
+                global_batch=4,
+                device="cpu",
+                objective=objective,
+            )
+            expected = reference(sched, objective)
+        torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-7, msg=str(objective))
 
 
 def test_impossible_settings_fail_before_work(latents, tiny_model, tmp_path):
@@ -157,7 +390,8 @@ def test_impossible_settings_fail_before_work(latents, tiny_model, tmp_path):
             tiny_model,
             tmp_path / "m",
         )
-    with pytest.raises(ConfigError, match="for 1 data streams .*less than one batch"):
+    too_big = "for 1 data streams .*one global batch of 1000; lower train.train_batch_size to 38"
+    with pytest.raises(ConfigError, match=too_big):
         train_unet.run(
             TRAIN.model_copy(update={"train_batch_size": 1000}), latents, tiny_model, tmp_path / "m"
         )
@@ -174,73 +408,73 @@ def test_impossible_settings_fail_before_work(latents, tiny_model, tmp_path):
 # -- the recipe's flags ----------------------------------------------------------------
 
 
-def test_objective_options_change_the_loss(latents, tiny_model):
-    from components.common.models import load_noise_scheduler, load_text_encoder, load_unet
-    from components.common.records import load_latent_split as load_split
-    from components.train_unet.objective import Objective, StepDraws, training_loss
-
-    samples = load_split(latents, "train")[:4]
-    batch = {k: torch.stack([s[k] for s in samples]) for k in ("mean", "logvar", "input_ids")}
-    unet, te = load_unet(tiny_model), load_text_encoder(tiny_model)
-    sched = load_noise_scheduler(tiny_model)
-
-    class LowTimestepDraws(StepDraws):
-        """The step's draws, with timesteps that include low ones: min-SNR-5 only
-        reweights timesteps whose SNR exceeds 5, and a seed's draws may hold none."""
-
-        def randint(self, high, n):
-            super().randint(high, n)  # keep the generator's sequence as in training
-            return torch.tensor([5, 40, 500, 900])[self.rows]
-
-    from diffusers.training_utils import compute_snr
-
-    snr = compute_snr(sched, torch.tensor([5, 40, 500, 900]))
-    assert (snr > 5).any() and (snr < 5).any()  # the weighting is not a no-op here
-
-    def loss(objective):
-        torch.manual_seed(0)
-        draws = LowTimestepDraws(0, 0, slice(0, 4), "cpu")
-        with torch.no_grad():
-            return training_loss(unet, te, sched, batch, draws, 0.18215, 4, "cpu", objective)
-
-    base = loss(Objective())
-    assert loss(Objective()) == base  # deterministic per (seed, micro-step)
-    for option in (
-        Objective(snr_gamma=5.0),
-        Objective(noise_offset=0.1),
-        Objective(input_perturbation=0.1),
-        Objective(dream_training=True),
-    ):
-        value = loss(option)
-        assert torch.isfinite(value) and value != base, option
-
-
 def test_ema_epochs_validation_and_tensorboard(latents, tiny_model, tmp_path):
     cfg = TRAIN.model_copy(
         update={
             "max_train_steps": None,
-            "num_train_epochs": 2,
+            "num_train_epochs": 3,
             "use_ema": True,
             "validation_prompts": ["a red circle"],
-            "validation_epochs": 1,
-            "checkpointing_steps": 8,
+            "validation_epochs": 2,
+            "checkpointing_steps": 12,
         }
     )
     report = train_unet.run(
         cfg, latents, tiny_model, tmp_path / "model", tmp_path / "train", tmp_path / "ckpt"
     )
-    assert report.steps == 8  # 2 epochs of 38 // 8 = 4 steps
+    assert report.steps == 12  # 3 epochs of 38 // 8 = 4 steps
+    # As upstream: after the (0-based) epochs 0 and 2; the final one is step 12 too.
     validation = sorted((tmp_path / "train" / "validation").glob("step-*/00.png"))
-    assert [p.parent.name for p in validation] == ["step-000004", "step-000008"]
+    assert [p.parent.name for p in validation] == ["step-000004", "step-000012"]
     assert list((tmp_path / "train" / "logs").rglob("events.out.tfevents.*"))
     # The saved UNet holds the EMA weights: an average that lags the raw weights.
     ema, base = load_file(tmp_path / "model" / UNET), load_file(tiny_model / UNET)
-    raw = load_file(tmp_path / "ckpt" / "checkpoint-8" / UNET)
+    raw = load_file(run_folder(tmp_path / "ckpt") / "checkpoint-12" / UNET)
 
     def dist(x, y):
         return sum((x[k] - y[k]).pow(2).sum().item() for k in x) ** 0.5
 
     assert 0 < dist(ema, base) < dist(raw, base) and dist(ema, raw) > 0
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps one process-wide state: a run in another precision needs it reset
+    (a `t2i train` process runs one training)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_validation_runs_in_eval_mode_in_the_runs_dtype_and_after_the_last_step(
+    latents, tiny_model, tmp_path, monkeypatch, fresh_accelerate_state
+):
+    from diffusers import UNet2DConditionModel
+
+    real, seen = UNet2DConditionModel.forward, []
+
+    def spy(self, *args, **kwargs):
+        if not torch.is_grad_enabled():  # the validation pipeline's calls
+            dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+            seen.append((self.training, dtype))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", spy)
+    cfg = TRAIN.model_copy(
+        update={
+            "max_train_steps": 6,  # epoch 0 ends at step 4; the run at 6
+            "validation_prompts": ["a red circle"],
+            "validation_epochs": 1,
+            "mixed_precision": "bf16",
+            "report_to": "none",
+        }
+    )
+    train_unet.run(cfg, latents, tiny_model, tmp_path / "m", tmp_path / "t", tmp_path / "c")
+    folders = sorted(p.name for p in (tmp_path / "t" / "validation").iterdir())
+    assert folders == ["step-000004", "step-000006"]  # the last step validates too
+    assert seen and set(seen) == {(False, torch.bfloat16)}
 
 
 @pytest.mark.parametrize(
@@ -312,23 +546,57 @@ train_unet.run(cfg, *sys.argv[3:])
 
 
 @pytest.fixture(scope="module")
-def straight_run(latents, tiny_model, tmp_path_factory):
-    root = tmp_path_factory.mktemp("straight")
-    train_unet.run(RESUME, latents, tiny_model, root / "model", root / "train", root / "ckpt")
-    return root
+def straight_runs(latents, tiny_model, tmp_path_factory):
+    """The uninterrupted run of RESUME with a given gradient accumulation (made once)."""
+    runs = {}
+
+    def get(accumulation: int):
+        if accumulation not in runs:
+            cfg = RESUME.model_copy(update={"gradient_accumulation_steps": accumulation})
+            root = tmp_path_factory.mktemp(f"straight{accumulation}")
+            train_unet.run(cfg, latents, tiny_model, root / "model", root / "train", root / "ckpt")
+            runs[accumulation] = root
+        return runs[accumulation]
+
+    return get
 
 
-@pytest.mark.parametrize("kill_at", [6, 10])  # mid-epoch 0; mid-epoch 1
-def test_sigkill_then_resume_is_bit_exact(straight_run, latents, tiny_model, tmp_path, kill_at):
+def _same_run(a, b, steps: int) -> None:
+    """Two run roots (model/, ckpt/, train/) hold bit-identical results."""
+    ckpt_a, ckpt_b = (run_folder(root / "ckpt") / f"checkpoint-{steps}" for root in (a, b))
+    for x, y in ((a / "model" / UNET, b / "model" / UNET), (ckpt_a / UNET, ckpt_b / UNET)):
+        wx, wy = load_file(x), load_file(y)  # EMA and raw weights
+        assert all(torch.equal(wx[k], wy[k]) for k in wy), x
+    sa, sb = (torch.load(c / "training_state.pt", weights_only=True) for c in (ckpt_a, ckpt_b))
+    assert sa["lr_scheduler"] == sb["lr_scheduler"]
+    for k, state in sb["optimizer"]["state"].items():
+        assert all(torch.equal(state[n], sa["optimizer"]["state"][k][n]) for n in state)
+    assert sa["ema"]["optimization_step"] == sb["ema"]["optimization_step"] == steps
+    assert all(
+        torch.equal(x, y)
+        for x, y in zip(sa["ema"]["shadow_params"], sb["ema"]["shadow_params"], strict=True)
+    )
+    assert (a / "train" / "loss.csv").read_text() == (b / "train" / "loss.csv").read_text()
+
+
+@pytest.mark.parametrize(
+    "kill_at, accumulation",
+    [(6, 1), (10, 1), (6, 2)],  # mid-epoch 0; mid-epoch 1; 2 micro-batches per step
+    ids=["epoch0", "epoch1", "accumulation2"],
+)
+def test_sigkill_then_resume_is_bit_exact(
+    straight_runs, latents, tiny_model, tmp_path, kill_at, accumulation
+):
     import os
     import subprocess
     import sys
 
     from .conftest import REPO
 
+    cfg = RESUME.model_copy(update={"gradient_accumulation_steps": accumulation})
     paths = [latents, tiny_model, tmp_path / "model", tmp_path / "train", tmp_path / "ckpt"]
     done = subprocess.run(
-        [sys.executable, "-c", _KILL_AFTER_CHECKPOINT, str(kill_at), RESUME.model_dump_json()]
+        [sys.executable, "-c", _KILL_AFTER_CHECKPOINT, str(kill_at), cfg.model_dump_json()]
         + [str(p) for p in paths],
         env={**os.environ, "PYTHONPATH": str(REPO)},
         capture_output=True,
@@ -336,27 +604,13 @@ def test_sigkill_then_resume_is_bit_exact(straight_run, latents, tiny_model, tmp
     )
     assert done.returncode == -9, done.stderr[-2000:]
     assert not (tmp_path / "model").exists()
-    state = json.loads((tmp_path / "ckpt" / f"checkpoint-{kill_at}" / "state.json").read_text())
-    assert state["data_position"] == {"epoch": kill_at // 9, "batch": kill_at % 9}
-    report = train_unet.run(RESUME, *paths)
+    checkpoint = run_folder(tmp_path / "ckpt") / f"checkpoint-{kill_at}"
+    state = json.loads((checkpoint / "state.json").read_text())
+    micro = kill_at * accumulation  # 38 train samples, batches of 4: 9 per epoch
+    assert state["data_position"] == {"epoch": micro // 9, "batch": micro % 9}
+    report = train_unet.run(cfg, *paths)
     assert report.resumed_from_step == kill_at and report.steps == 12
-    for name in ("model/" + UNET, "ckpt/checkpoint-12/" + UNET):  # EMA and raw weights
-        a, b = load_file(tmp_path / name), load_file(straight_run / name)
-        assert all(torch.equal(a[k], b[k]) for k in b), name
-    a, b = (
-        torch.load(root / "ckpt/checkpoint-12/training_state.pt", weights_only=True)
-        for root in (tmp_path, straight_run)
-    )
-    assert a["lr_scheduler"] == b["lr_scheduler"]
-    for k, s in b["optimizer"]["state"].items():
-        assert all(torch.equal(s[n], a["optimizer"]["state"][k][n]) for n in s)
-    assert a["ema"]["optimization_step"] == b["ema"]["optimization_step"] == 12
-    assert all(
-        torch.equal(x, y)
-        for x, y in zip(a["ema"]["shadow_params"], b["ema"]["shadow_params"], strict=True)
-    )
-    loss_a = (tmp_path / "train" / "loss.csv").read_text()
-    assert loss_a == (straight_run / "train" / "loss.csv").read_text()
+    _same_run(tmp_path, straight_runs(accumulation), 12)
 
 
 # -- multi-process ----------------------------------------------------------------------
@@ -399,6 +653,70 @@ def test_two_gloo_processes_equal_one_with_twice_the_batch(latents, tiny_model, 
     assert rel < 0.01
 
 
+_DDP_SCRIPT = """
+import json, os, signal, sys
+from components import train_unet
+from components.common.config import TrainConfig
+from components.train_unet import checkpoints
+real, kill_at = checkpoints.save, int(sys.argv[1])
+def save_then_die(root, step, *args, **kwargs):
+    path = real(root, step, *args, **kwargs)
+    if step == kill_at:  # rank 0 saves; its death takes the job down, as a lost node does
+        os.kill(os.getpid(), signal.SIGKILL)
+    return path
+checkpoints.save = save_then_die
+train_unet.run(TrainConfig.model_validate(json.loads(sys.argv[2])), *sys.argv[3:])
+"""
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_killed_after_a_checkpoint_resume_bit_exact(
+    latents, tiny_model, tmp_path
+):
+    """DDP resume: 2 processes SIGKILLed after checkpoint 4 (of 8), relaunched, equal
+    the uninterrupted 2-process run bit for bit (weights, optimizer, EMA, loss.csv)."""
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    script = tmp_path / "ddp_train.py"
+    script.write_text(_DDP_SCRIPT)
+    cfg = RESUME.model_copy(update={"max_train_steps": 8, "train_batch_size": 2})
+
+    def launch(root, kill_at: int) -> int:
+        paths = [latents, tiny_model, root / "model", root / "train", root / "ckpt"]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        cmd += ["--nproc_per_node", "2", str(script), str(kill_at), cfg.model_dump_json()]
+        done = subprocess.run(
+            cmd + [str(p) for p in paths],
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        return done.returncode, done.stderr[-3000:]
+
+    import os
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    code, err = launch(straight, -1)
+    assert code == 0, err
+    code, err = launch(resumed, 4)
+    assert code != 0 and not (resumed / "model").exists()
+    assert sorted(p.name for p in run_folder(resumed / "ckpt").iterdir()) == [
+        "checkpoint-2",
+        "checkpoint-4",
+    ]
+    code, err = launch(resumed, -1)
+    assert code == 0, err
+    assert (
+        json.loads((resumed / "train" / "train_metrics.json").read_text())["resumed_from_step"] == 4
+    )
+    _same_run(resumed, straight, 8)
+
+
 def _launch_error(latents, tiny_model, tmp_path, capsys, processes, *sets) -> str:
     from components.cli import main
 
@@ -412,15 +730,19 @@ def _launch_error(latents, tiny_model, tmp_path, capsys, processes, *sets) -> st
     return err
 
 
-def test_too_few_shards_for_the_processes_is_one_line_before_launch(
+def test_more_processes_than_shards_share_them_and_too_few_samples_is_one_line(
     latents, tiny_model, tmp_path, capsys
 ):
+    """Streams take equal ranges of samples, not whole shards: more processes than
+    shards is fine; fewer samples than one global batch is one line before launch."""
     from components.common.records import read_latent_manifest
 
     shards = [s for s in read_latent_manifest(latents).shards if s.split == "train"]
-    err = _launch_error(latents, tiny_model, tmp_path, capsys, len(shards) + 1)
-    assert f"{len(shards)} train shards" in err and "every stream needs its own" in err
-    assert f"at most {len(shards)} processes" in err and "pack.shard_max_samples" in err
+    small = TRAIN.model_copy(update={"train_batch_size": 2})
+    train_unet.check_data(small, latents, len(shards) + 1)
+    err = _launch_error(latents, tiny_model, tmp_path, capsys, 5, "train.train_batch_size=8")
+    assert "38 train samples" in err and "less than one global batch of 40" in err
+    assert "lower train.train_batch_size to 7 or less" in err
     assert not (tmp_path / "m").exists()
 
 
@@ -456,8 +778,9 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(
     monkeypatch.setattr(checkpoints.torch, "save", disk_full_on_second)
     with pytest.raises(OSError, match="No space left"):
         train_unet.run(cfg, latents, tiny_model, tmp_path / "m", tmp_path / "r", tmp_path / "c")
-    assert [p.name for p in (tmp_path / "c").iterdir()] == ["checkpoint-2"]
-    assert checkpoints.committed(tmp_path / "c")[0].name == "checkpoint-2"
+    folder = run_folder(tmp_path / "c")
+    assert [p.name for p in folder.iterdir()] == ["checkpoint-2"]
+    assert checkpoints.committed(folder)[0].name == "checkpoint-2"
     monkeypatch.setattr(checkpoints.torch, "save", real_save)
     report = train_unet.run(
         cfg, latents, tiny_model, tmp_path / "m", tmp_path / "r", tmp_path / "c"

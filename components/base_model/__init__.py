@@ -13,6 +13,7 @@ from pathlib import Path
 
 from components.common.config import ModelConfig
 from components.common.errors import ConfigError, T2IError
+from components.common.families import family_of
 from components.common.io import atomic_dir
 from components.common.models import check_model_dir, hub_offline, weights_sha256
 from components.common.records import BASE_MODEL_RECORD, BaseModelRecord, write_record
@@ -50,6 +51,7 @@ def run(cfg: ModelConfig, out: Path) -> BaseModelReport:
         else:
             revision, hub_id = _download(cfg.source, cfg.revision, tmp), cfg.source
         check_model_dir(tmp)
+        family_of(tmp, f"model.source {cfg.source!r}")  # before anything trains on it
         record = BaseModelRecord(
             source=cfg.source,
             hub_id=hub_id,

@@ -53,6 +53,7 @@ from components.train_unet.setup import (
     load_models,
     make_optimizer,
     resolve_model,
+    resolve_precision,
 )
 
 __all__ = ["TrainReport", "run", "check_data", "training_loss", "StepDraws", "save_pipeline"]
@@ -71,7 +72,11 @@ _NOT_IN_FINGERPRINT = {
     "tracker_project_name",
     "logging_steps",
     "dataloader_num_workers",
+    "resume_other_run",
 }
+# How the stream deals samples to data streams: a checkpoint written under another
+# layout is not resumed (its data position would mean other samples).
+DATA_LAYOUT = "balanced-ranges-1"
 
 
 @dataclass
@@ -90,8 +95,20 @@ class Run:
     checkpoint_dir: Path
     reports: Path
     latents: LatentManifest
+    identity: checkpoints.RunIdentity
     run_id: str = ""  # the tracker run's name: new per run, kept by a resumed run
     base_unet_sha256: str = ""  # of the UNet training starts from (a LoRA adapter's base)
+    samples_seen: int = 0  # counted as batches are trained (a resumed run: from its checkpoint)
+    validated_at: int = -1  # the step of the last validation images
+
+    @property
+    def checkpoint_folder(self) -> Path:
+        return checkpoints.run_folder(self.checkpoint_dir, self.identity)
+
+    @property
+    def ema_device(self):
+        """Where the EMA's shadow parameters live: the training device, or the CPU."""
+        return "cpu" if self.cfg.offload_ema else self.accelerator.device
 
 
 def run(
@@ -111,6 +128,7 @@ def run(
     `reports`; under DVC a git-tracked folder). Raises ConfigError for
     impossible settings (before any work) and T2IError for missing/corrupt inputs.
     """
+    cfg = resolve_precision(cfg)
     check_environment(cfg)
     out = Path(out)
     reports = Path(reports) if reports else out.parent / "train"
@@ -119,22 +137,17 @@ def run(
     manifest = verify_latents(latents)  # every shard's checksum, before step 0
     r = _prepare(cfg, Path(latents), manifest, (model, trained_unet), reports, checkpoint_dir)
     step, history = 0, []
-    max_steps = _max_steps(cfg, r.stream)
-    resume, note = checkpoints.find_resume(
-        checkpoint_dir, cfg.resume_from_checkpoint, r.fingerprint, max_steps
+    max_steps = r.identity.max_steps
+    resume = checkpoints.find_resume(
+        checkpoint_dir, cfg.resume_from_checkpoint, r.identity, cfg.resume_other_run
     )
-    if note:
-        r.accelerator.print(note)
-    buckets, unbatched = r.stream.bucket_summary()
-    if buckets:
-        r.accelerator.print(buckets)
-    if resume is not None:
-        unet = r.accelerator.unwrap_model(r.unet)
-        scaler = r.accelerator.scaler
-        step = checkpoints.load(resume, unet, r.optimizer, r.lr_scheduler, scaler, r.models.ema)
-        state = checkpoints.read_state(resume)
-        history, r.run_id = state["history"], state.get("run_id", r.run_id)
-        r.accelerator.print(f"resuming from {resume} (step {step})")
+    if resume.note:
+        r.accelerator.print(resume.note)
+    left_out_line, left_out = r.stream.epoch_summary()
+    if left_out_line:
+        r.accelerator.print(left_out_line)
+    if resume.path is not None:
+        step, history = _resume(r, resume.path)
     _init_trackers(r)
     started = time.perf_counter()
     log = train_steps(r, step, max_steps, LossLog(history))
@@ -142,8 +155,10 @@ def run(
     per_step = r.stream.global_batch * cfg.gradient_accumulation_steps
     rate = (max_steps - step) * per_step / elapsed if elapsed and max_steps > step else 0.0
     log.flush()
-    report = make_report(log.rows, max(step, max_steps), step, rate, per_step)
-    report.samples_not_in_a_batch = unbatched
+    report = make_report(log.rows, max(step, max_steps), step, rate, r.samples_seen)
+    report.samples_not_in_a_batch = left_out
+    if cfg.validation_prompts and r.validated_at != report.steps:
+        _validate(r, report.steps)  # the final model's images, as upstream ends
     r.accelerator.wait_for_everyone()
     if r.accelerator.is_main_process:
         unet = r.accelerator.unwrap_model(r.unet)
@@ -157,6 +172,31 @@ def run(
         write_reports(Path(metrics_dir) if metrics_dir else reports, report, log.rows)
     r.accelerator.end_training()
     return report
+
+
+def _resume(r: Run, path: Path) -> tuple[int, list]:
+    """Load checkpoint `path` into the run; return (its step, the loss history)."""
+    unet = r.accelerator.unwrap_model(r.unet)
+    scaler = r.accelerator.scaler
+    step = checkpoints.load(
+        path, unet, r.optimizer, r.lr_scheduler, scaler, r.models.ema, r.ema_device
+    )
+    if r.models.ema is not None and r.cfg.offload_ema and torch.cuda.is_available():
+        r.models.ema.pin_memory()
+    state = checkpoints.read_state(path)
+    epoch, batch = r.stream.position(step * r.cfg.gradient_accumulation_steps)
+    forced = state.get("fingerprint") != r.fingerprint
+    note = checkpoints.check_data_position(
+        path, state.get("data_position"), {"epoch": epoch, "batch": batch}, forced
+    )
+    if note:
+        r.accelerator.print(note)
+    r.run_id = state.get("run_id") or r.run_id
+    per_step = r.stream.global_batch * r.cfg.gradient_accumulation_steps
+    r.samples_seen = int(state.get("samples_seen", step * per_step))
+    r.validated_at = int(state.get("validated_at", -1))
+    r.accelerator.print(f"resuming from {path} (step {step})")
+    return step, state["history"]
 
 
 def check_data(cfg: TrainConfig, latents: Path, processes: int) -> None:
@@ -219,29 +259,31 @@ def _prepare(cfg, latents, manifest, models_at, reports, checkpoint_dir) -> Run:
     )
     unet, optimizer = accelerator.prepare(unet, optimizer)
     base_unet = weights_sha256(trained_unet, "unet")
-    fingerprint = sha256_json(
-        {
-            "config": cfg.model_dump(exclude=_NOT_IN_FINGERPRINT),
-            "latents": [s.sha256 for s in manifest.shards],
-            "base_unet": base_unet,
-            "processes": accelerator.num_processes,
-            "streams": stream.streams,
-        }
-    )
+    inputs = {
+        "config": cfg.model_dump(mode="json", exclude=_NOT_IN_FINGERPRINT),
+        "latents": [s.sha256 for s in manifest.shards],
+        "base_unet": base_unet,
+        "processes": accelerator.num_processes,
+        "streams": stream.streams,
+        "data_layout": DATA_LAYOUT,
+    }
+    fingerprint = sha256_json(inputs)
+    identity = checkpoints.RunIdentity(fingerprint, inputs, _max_steps(cfg, stream))
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     return Run(
-        cfg,
-        accelerator,
-        models,
-        unet,
-        optimizer,
-        lr_scheduler,
-        stream,
-        fingerprint,
-        model,
-        checkpoint_dir,
-        reports,
-        manifest,
+        cfg=cfg,
+        accelerator=accelerator,
+        models=models,
+        unet=unet,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        stream=stream,
+        fingerprint=fingerprint,
+        model=model,
+        checkpoint_dir=checkpoint_dir,
+        reports=reports,
+        latents=manifest,
+        identity=identity,
         run_id=f"{stamp}-{fingerprint[:8]}",
         base_unet_sha256=base_unet,
     )
@@ -316,10 +358,10 @@ def train_steps(r: Run, step: int, max_steps: int, log: LossLog) -> LossLog:
                 r.models.noise_scheduler,
                 batch,
                 draws,
-                r.latents.vae_scaling_factor,
-                r.stream.global_batch,
-                acc.device,
-                objective,
+                scaling_factor=r.latents.vae_scaling_factor,
+                global_batch=r.stream.global_batch,
+                device=acc.device,
+                objective=objective,
             )
             acc.backward(loss)
             if acc.sync_gradients:
@@ -328,6 +370,7 @@ def train_steps(r: Run, step: int, max_steps: int, log: LossLog) -> LossLog:
             r.optimizer.zero_grad(set_to_none=True)
         micro_losses.append(acc.gather(loss.detach()).mean())
         images += r.stream.global_batch
+        r.samples_seen += r.stream.global_batch
         if not acc.sync_gradients:
             continue
         _ema_step(r)
@@ -337,12 +380,14 @@ def train_steps(r: Run, step: int, max_steps: int, log: LossLog) -> LossLog:
         bar.update(1)
         if step % cfg.logging_steps == 0 or step == max_steps:
             _show(acc, bar, log, images / (time.perf_counter() - started))
-        if step % cfg.checkpointing_steps == 0 and acc.is_main_process:
-            _checkpoint(r, step, log)
         if micro_step + 1 >= epoch_ends:  # (accumulation can straddle the end)
+            # Upstream validates after epoch e when e % validation_epochs == 0 (0-based).
+            if cfg.validation_prompts and epoch % cfg.validation_epochs == 0:
+                _validate(r, step)
             epoch = r.stream.position(micro_step + 1)[0]
             epoch_ends = r.stream.micro_steps_for_epochs(epoch + 1)
-            _maybe_validate(r, step, epoch)
+        if step % cfg.checkpointing_steps == 0 and acc.is_main_process:
+            _checkpoint(r, step, log)
     bar.close()
     return log
 
@@ -370,28 +415,26 @@ def _checkpoint(r: Run, step: int, log: LossLog) -> None:
     epoch, batch = r.stream.position(step * r.cfg.gradient_accumulation_steps)
     log.flush()  # the history goes into the checkpoint
     checkpoints.save(
-        r.checkpoint_dir,
+        r.checkpoint_folder,
         step,
-        r.fingerprint,
+        r.identity,
         r.accelerator.unwrap_model(r.unet),
         r.optimizer,
         r.lr_scheduler,
         r.accelerator.scaler,
-        r.cfg.checkpoints_total_limit,
-        log.rows,
+        keep=r.cfg.checkpoints_total_limit,
+        history=log.rows,
         ema=r.models.ema,
         data_position={"epoch": epoch, "batch": batch},
-        run={"run_id": r.run_id, "max_steps": _max_steps(r.cfg, r.stream)},
+        run_id=r.run_id,
+        extra={"samples_seen": r.samples_seen, "validated_at": r.validated_at},
     )
 
 
-def _maybe_validate(r: Run, step: int, epoch: int) -> None:
-    cfg = r.cfg
-    if not cfg.validation_prompts or epoch % cfg.validation_epochs:
-        return
+def _validate(r: Run, step: int) -> None:
     if r.accelerator.is_main_process:
         log_validation(
-            cfg,
+            r.cfg,
             r.model,
             r.unet,
             r.models.ema,
@@ -400,6 +443,7 @@ def _maybe_validate(r: Run, step: int, epoch: int) -> None:
             step,
             r.latents.resolution,
         )
+    r.validated_at = step
 
 
 def _record(r: Run, report: TrainReport, rows: list) -> TrainRecord:

@@ -25,13 +25,14 @@ class TrainReport:
     final_loss: float
     images_per_second: float
     resumed_from_step: int
-    # cache.buckets: samples an epoch leaves out (buckets are cut into whole batches)
+    # samples an epoch leaves out: those that fill no whole batch (with buckets: a
+    # bucket's remainder, or a bucket smaller than a global batch)
     samples_not_in_a_batch: int = 0
 
     def summary(self) -> str:
         start = f" (resumed at step {self.resumed_from_step})" if self.resumed_from_step else ""
         left = self.samples_not_in_a_batch
-        out = f"; {left} samples per epoch fit no bucket's batch" if left else ""
+        out = f"; {left} samples per epoch fit no whole batch" if left else ""
         return (
             f"trained {self.steps} steps{start}: loss {self.initial_loss:.4f} -> "
             f"{self.final_loss:.4f}, {self.images_per_second:.1f} img/s{out}"
@@ -75,22 +76,31 @@ def log_validation(
     cfg: TrainConfig, model: Path, unet, ema, accelerator, out: Path, step: int, resolution: int
 ) -> list[Path]:
     """Images for `validation_prompts` from the current UNet (EMA weights when
-    `use_ema`), saved under `out/step-<step>/` and logged to the trackers."""
+    `use_ema`), saved under `out/step-<step>/` and logged to the trackers. The UNet is
+    in eval mode (no LoRA dropout) and autocast in the run's own dtype."""
+    from contextlib import nullcontext
+
     from diffusers import StableDiffusionPipeline
+
+    from components.train_unet.setup import WEIGHT_DTYPES
 
     unet = accelerator.unwrap_model(unet)
     if ema is not None:
         ema.store(trainable(unet))
         ema.copy_to(trainable(unet))
+    dtype = WEIGHT_DTYPES.get(cfg.mixed_precision)
+    device = accelerator.device
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    unet.eval()
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
             model, unet=unet, safety_checker=None, requires_safety_checker=False
-        ).to(accelerator.device)
+        ).to(device)
         pipe.set_progress_bar_config(disable=True)
-        g = torch.Generator(device=accelerator.device).manual_seed(cfg.seed)
+        g = torch.Generator(device=device).manual_seed(cfg.seed)
         images = []
         for prompt in cfg.validation_prompts:
-            with torch.autocast(accelerator.device.type, enabled=cfg.mixed_precision != "no"):
+            with autocast:
                 images += pipe(
                     prompt,
                     num_inference_steps=20,
@@ -117,14 +127,16 @@ def log_validation(
     return paths
 
 
-def make_report(rows: list, steps: int, resumed_from: int, rate: float, per_step: int):
+def make_report(rows: list, steps: int, resumed_from: int, rate: float, samples_seen: int):
+    """The run's report; `samples_seen`: samples the run trained on, counted as the
+    batches went by (a resumed run: from the checkpoint's step on)."""
     if not rows:
         raise T2IError("training ran no step (max_train_steps reached already?)")
     window = max(1, min(10, len(rows) // 5))
     losses = [r[1] for r in rows]
     return TrainReport(
         steps=steps,
-        samples_seen=steps * per_step,
+        samples_seen=samples_seen,
         initial_loss=sum(losses[:window]) / window,
         final_loss=sum(losses[-window:]) / window,
         images_per_second=round(rate, 2),

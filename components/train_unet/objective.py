@@ -41,12 +41,15 @@ def training_loss(
     noise_scheduler,
     batch: dict[str, torch.Tensor],
     draws,
+    *,
     scaling_factor: float,
     global_batch: int,
     device,
     objective: Objective | None = None,
 ) -> torch.Tensor:
-    """One micro-step's loss (a scalar) for this rank's part of the global batch."""
+    """One micro-step's loss (a scalar) for this rank's part of the global batch:
+    `draws` gives the step's random tensors for the `global_batch` (sliced to this
+    rank's rows), `scaling_factor` is the VAE's."""
     objective = objective or Objective()
     mean = batch["mean"].to(device, non_blocking=True)
     logvar = batch["logvar"].to(device, non_blocking=True)

@@ -8,6 +8,7 @@ exist) costs the user one line and exit status 2, not a model load.
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 
 from components.common.config import TrainConfig
 from components.common.errors import ConfigError, T2IError
+from components.common.families import family_of
 from components.common.models import (
     check_model_dir,
     load_noise_scheduler,
@@ -27,6 +29,30 @@ from components.common.records import LatentManifest
 from components.train_unet import lora
 
 WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# The objectives the recipe trains (upstream raises on any other prediction type).
+TRAINABLE_PREDICTIONS = ("epsilon", "v_prediction")
+LAUNCHER_PRECISION = "ACCELERATE_MIXED_PRECISION"  # set by `accelerate launch`
+
+
+def resolve_precision(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with `mixed_precision` settled: the key's value, or when it is null the
+    launcher's (`accelerate launch --mixed_precision`, `accelerate config`), else "no".
+    ConfigError when the key and the launcher disagree (neither silently wins)."""
+    launcher = os.environ.get(LAUNCHER_PRECISION, "").strip().lower() or None
+    if cfg.mixed_precision is None:
+        if launcher not in (None, "no", "fp16", "bf16"):
+            raise ConfigError(
+                f"the launcher asks for mixed precision {launcher!r}; train.mixed_precision "
+                "supports no, fp16 and bf16: set one of them"
+            )
+        return cfg.model_copy(update={"mixed_precision": launcher or "no"})
+    if launcher is not None and launcher != cfg.mixed_precision:
+        raise ConfigError(
+            f"train.mixed_precision is {cfg.mixed_precision!r} but the launcher asks for "
+            f"{launcher!r} (accelerate launch --mixed_precision, or `accelerate config`); "
+            "make them agree, or set train.mixed_precision: null to take the launcher's"
+        )
+    return cfg
 
 
 def check_environment(cfg: TrainConfig, cuda: bool | None = None) -> None:
@@ -68,8 +94,10 @@ def resolve_model(cfg: TrainConfig, stage_model: Path) -> tuple[Path, Path]:
                 "a local folder has no revisions"
             )
         model = check_model_dir(Path(stage_model if name is None else name))
+        family_of(model, "train.pretrained_model_name_or_path" if name else "--model")
         return model, model
     model = _download(name, cfg.revision)
+    family_of(model, "train.pretrained_model_name_or_path")
     if cfg.non_ema_revision:
         return model, _download(name, cfg.non_ema_revision, ["unet/*", "model_index.json"])
     return model, model
@@ -110,14 +138,14 @@ def load_models(
             f"the latents were encoded with another VAE than {model}'s; re-run `t2i cache` "
             "with this model"
         )
+    # `variant` (e.g. fp16-rounded weights) is for the frozen parts only, as upstream:
+    # a full fine-tune trains the full-precision UNet; LoRA's UNet is frozen.
     variant = {"variant": cfg.variant} if cfg.variant else {}
-    noise_scheduler = load_noise_scheduler(model)
-    if cfg.prediction_type:
-        noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
+    noise_scheduler = training_scheduler(model, cfg)
     dtype = WEIGHT_DTYPES.get(cfg.mixed_precision, torch.float32)
     text_encoder = load_text_encoder(model, **variant)
     text_encoder = text_encoder.requires_grad_(False).eval().to(device, dtype)
-    unet = load_unet(trained_unet, **variant)
+    unet = load_unet(trained_unet, **(variant if cfg.lora_rank else {}))
     from diffusers.training_utils import EMAModel
 
     ema = None
@@ -149,6 +177,21 @@ def load_models(
             hidden = text_encoder(ids.to(device), return_dict=False)[0]
         empty = {"input_ids": ids[0], "encoder_hidden_states": hidden[0].float().cpu()}
     return Models(unet, text_encoder, noise_scheduler, ema, empty)
+
+
+def training_scheduler(model: Path, cfg: TrainConfig):
+    """The base model's noise scheduler with `train.prediction_type` applied. ConfigError
+    when the resulting objective is one the recipe cannot train (e.g. `sample`)."""
+    noise_scheduler = load_noise_scheduler(model)
+    if cfg.prediction_type:
+        noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
+    prediction = noise_scheduler.config.prediction_type
+    if prediction not in TRAINABLE_PREDICTIONS:
+        raise ConfigError(
+            f"{model}/scheduler: prediction_type {prediction!r} cannot be trained by this "
+            "recipe (epsilon or v_prediction); set train.prediction_type"
+        )
+    return noise_scheduler
 
 
 def make_optimizer(cfg: TrainConfig, params, lr: float, device) -> torch.optim.Optimizer:
