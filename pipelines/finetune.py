@@ -1,18 +1,22 @@
 """The fine-tuning DAG.
 
 ```
-summary (exit handler, always) <- [ fingerprint (uncached) -> dsl.If(changed):
-    base_model, pack -> cache -> train -> evaluate -> dsl.If(gate passed): publish ]
+workspace (uncached) -> summary (exit handler, uncached, always) <- [ fingerprint (uncached)
+    -> dsl.If(changed): base_model, pack -> cache -> train -> evaluate
+    -> dsl.If(gate passed): publish (uncached) ]
 ```
 
 Built from params (the same schema as params.yaml): each stage's section becomes a
 JSON-string parameter with the params file's values as defaults, so KFP's cache key
-changes with the config. The fingerprint task runs every time (caching off): it
-fingerprints the source where it lives and compares it and the config with the newest
-published version's lineage; its `run_key` output is an input of every later task, so
-KFP's cache keys follow the data. Everything Kubernetes-specific (resources, GPUs,
-node selectors, tolerations, /dev/shm, the workspace PVC, secrets, the run id) is
-applied here, in `place()`, through kfp-kubernetes.
+changes with the config. **KFP's cache is a contract here**: a task whose outputs are a
+pure function of its inputs (base_model, pack, cache, train, evaluate) is cached, and
+its inputs are exactly what it reads (the fingerprint task hands pack the data's
+fingerprint; later stages see their upstream artifacts and their own config), so a
+change to evaluation re-runs evaluate and publish, not train. A task whose job is an
+effect outside KFP (workspace, fingerprint, publish, summary: the PVC, the decision,
+the registry or Hub, the webhook) never comes from the cache. Everything Kubernetes-
+specific (resources, GPUs, node selectors, tolerations, /dev/shm, the workspace PVC,
+secrets, retries, the run id) is applied in `place()` through kfp-kubernetes.
 """
 
 import json
@@ -27,17 +31,23 @@ from pipelines.ops import make_ops
 WORKSPACE_STAGES = ("fingerprint", "pack", "cache", "train", "evaluate", "publish", "summary")
 # The stages that read data.source (a path on `pipeline.data_pvc`, or a URI).
 DATA_STAGES = ("fingerprint", "pack")
-# Who gets which secret (as environment variables).
-HF_TOKEN_STAGES = ("fingerprint", "base_model", "pack", "publish")
+# Who gets which secret (as environment variables): every stage that may read the Hub
+# (a gated base model, dataset, CLIP or feature model, a non_ema_revision) gets HF_TOKEN.
+HF_TOKEN_STAGES = (
+    "fingerprint", "base_model", "pack", "cache", "cache_worker", "train", "evaluate", "publish"
+)  # fmt: skip
 STORAGE_STAGES = ("fingerprint", "pack", "publish")
+# Tasks whose job is an effect outside KFP: never served from KFP's cache.
+UNCACHED_STAGES = ("workspace", "fingerprint", "publish", "summary")
 
 
 def _json(section) -> str:
     return json.dumps(section.model_dump(), sort_keys=True)
 
 
-def build_pipeline(params: Params):
+def build_pipeline(params: Params, in_cluster: bool = True):
     """Return the KFP pipeline function for `params` (image and defaults baked in).
+    `in_cluster=False` (a local run) leaves out the task that needs the Kubernetes API.
     ConfigError when the published model would not outlive its pod."""
     check_publish_target(params)
     ops = make_ops(params.pipeline.image)
@@ -68,49 +78,47 @@ def build_pipeline(params: Params):
             evaluate_params=evaluate_params,
             publish_params=publish_params,
         )
+        claim = _workspace_task(ops, p) if in_cluster else None
         summary = ops.summary_op(workspace=workspace).set_display_name("summary")
         with dsl.ExitHandler(summary, name="run"):
-            claim = _create_workspace(p)
             decision = ops.fingerprint_op(
                 source=source, workspace=workspace, retrain=retrain, **parameters
             )
-            decision.set_display_name("fingerprint").set_caching_options(False)
+            decision.set_display_name("fingerprint")
             if claim is not None:
                 decision.after(claim)
             with dsl.If(decision.outputs["Output"] == True, name="changed"):  # noqa: E712
-                key = decision.outputs["key"]
-                stages = _train_and_publish(ops, p, key, source, workspace, parameters)
-        for stage, task in [("summary", summary), ("fingerprint", decision), *stages]:
+                stages = _train_and_publish(ops, p, decision, source, workspace, parameters)
+        placed = [("summary", summary), ("fingerprint", decision), *stages]
+        if claim is not None:
+            placed.append(("workspace", claim))
+        for stage, task in placed:
             place(task, stage, params)
 
     return finetune
 
 
-def _create_workspace(p):
-    """The CreatePVC task for `pipeline.workspace_create`, or None. It keeps KFP's cache
-    on: its inputs (name, size, class) are the same every run, so the first run creates
-    the PVC and later runs reuse that result instead of failing on "already exists"."""
-    if p.workspace_create is None:
+def _workspace_task(ops, p):
+    """The task that makes sure the workspace PVC exists before anything mounts it, or
+    None without a workspace. With `pipeline.workspace_create` it creates the PVC when
+    it is missing (and reuses one that exists, whoever made it); without, a missing PVC
+    fails the run at once in one line. It runs before the exit handler, whose summary
+    mounts the PVC too and must never wait, Pending, for one that does not exist."""
+    if not p.workspace_pvc:
         return None
-    from kfp import kubernetes
-
-    claim = kubernetes.CreatePVC(
-        pvc_name=p.workspace_pvc,
-        access_modes=[p.workspace_create.access_mode],
-        size=p.workspace_create.size,
-        storage_class_name=p.workspace_create.storage_class,
-    )
-    return claim.set_display_name("workspace").set_caching_options(True)
+    create = p.workspace_create.model_dump() if p.workspace_create is not None else None
+    task = ops.workspace_op(pvc_name=p.workspace_pvc, create=json.dumps(create) if create else "")
+    return task.set_display_name("workspace")
 
 
-def _train_and_publish(ops, p, key, source, workspace, parameters) -> list[tuple[str, object]]:
+def _train_and_publish(ops, p, decision, source, workspace, parameters) -> list[tuple]:
     """base_model, pack, cache, train, evaluate and (under the gate) publish; returns
-    (stage, task) pairs for `place`."""
+    (stage, task) pairs for `place`. Each task's inputs are its cache key."""
     base = ops.base_model_op(model_params=parameters["model_params"])
     base.set_display_name("base-model")
     pack = ops.pack_op(
         source=source,
-        run_key=key,
+        data_key=decision.outputs["data_key"],
         workspace=workspace,
         data_params=parameters["data_params"],
         pack_params=parameters["pack_params"],
@@ -119,20 +127,18 @@ def _train_and_publish(ops, p, key, source, workspace, parameters) -> list[tuple
     cache_tasks = []
     if p.cache_workers <= 1:
         cache = ops.cache_op(
-            run_key=key, workspace=workspace, cache_params=parameters["cache_params"], **inputs
+            workspace=workspace, cache_params=parameters["cache_params"], **inputs
         ).set_display_name("cache")
         cache_tasks.append(("cache", cache))
     else:
         with dsl.ParallelFor(items=list(range(p.cache_workers)), name="cache-workers") as index:
             worker = ops.cache_worker_op(
-                run_key=key,
                 cache_params=parameters["cache_params"],
                 worker_index=index,
                 num_workers=p.cache_workers,
                 **inputs,
             ).set_display_name("cache-worker")
         cache = ops.cache_merge_op(
-            run_key=key,
             workspace=workspace,
             num_workers=p.cache_workers,
             shards=pack.outputs["shards"],
@@ -140,14 +146,13 @@ def _train_and_publish(ops, p, key, source, workspace, parameters) -> list[tuple
         ).set_display_name("cache-merge")
         cache_tasks += [("cache_worker", worker), ("cache_merge", cache)]
     train = ops.train_op(
-        run_key=key,
         workspace=workspace,
+        train_key=decision.outputs["train_key"],
         train_params=parameters["train_params"],
         latents=cache.outputs["latents"],
         base_model=base.outputs["base_model"],
     ).set_display_name("train")
     evaluation = ops.evaluate_op(
-        run_key=key,
         workspace=workspace,
         evaluate_params=parameters["evaluate_params"],
         model=train.outputs["model"],
@@ -159,7 +164,7 @@ def _train_and_publish(ops, p, key, source, workspace, parameters) -> list[tuple
     # shows it skipped (evaluate's report and Metrics say which check failed).
     with dsl.If(evaluation.outputs["Output"] == True, name="gate-passed"):  # noqa: E712
         publish = ops.publish_op(
-            run_key=key,
+            run_key=decision.outputs["key"],
             workspace=workspace,
             publish_params=parameters["publish_params"],
             model=train.outputs["model"],
@@ -176,21 +181,28 @@ def _train_and_publish(ops, p, key, source, workspace, parameters) -> list[tuple
 
 
 def place(task, stage: str, params: Params) -> None:
-    """Everything Kubernetes about one task: retries, requests and limits, GPUs, node
-    selector, tolerations, /dev/shm, the workspace PVC, secrets as environment
-    variables, the run id and the image reference. (`cache_worker` gets the cache
-    stage's resources and no workspace; `cache_merge` no resources of its own.)"""
+    """Everything Kubernetes about one task: caching (off for the tasks whose job is an
+    effect outside KFP), retries (for the stages in `pipeline.retries.stages`), requests
+    and limits, GPUs, node selector, tolerations, /dev/shm, the workspace PVC, secrets
+    as environment variables, the run id and the image reference. (`cache_worker` gets
+    the cache stage's resources and no workspace; `cache_merge` no resources of its
+    own; `workspace` a small request and no mounts.)"""
     from kfp import kubernetes
 
     p = params.pipeline
-    task.set_retry(
-        num_retries=p.retries.count,
-        backoff_duration=f"{p.retries.backoff_s}s",
-        backoff_factor=p.retries.factor,
-    )
+    task.set_caching_options(stage not in UNCACHED_STAGES)
+    if stage in p.retries.stages and p.retries.count:
+        task.set_retry(
+            num_retries=p.retries.count,
+            backoff_duration=f"{p.retries.backoff_s}s",
+            backoff_factor=p.retries.factor,
+        )
     task.set_env_variable("T2I_IMAGE", p.image)
     if "@" in p.image:
         task.set_env_variable("T2I_IMAGE_DIGEST", p.image.split("@", 1)[1])
+    if stage == "workspace":
+        task.set_cpu_request("100m").set_memory_request("256Mi").set_memory_limit("256Mi")
+        return
     # The run id (the notes' folder) from the label KFP puts on every pod of a run.
     kubernetes.use_field_path_as_env(
         task, env_name="T2I_RUN_ID", field_path="metadata.labels['pipeline/runid']"

@@ -1,6 +1,10 @@
 """Thin KFP components: a signature (what KFP passes) and one call to
 `pipelines.stages.run_stage`, which runs the stage from its JSON params and artifact
-paths (the same `run()` as the CLI).
+paths (the same `run()` as the CLI). A component's inputs are its KFP cache key: each
+takes what its stage reads and nothing wider (pack: the data's fingerprint and the
+data and pack configs; cache: the shards, the base model and its config; train: the
+latents, the base model and its config; evaluate: the model, its inputs and its
+config), so a change to one stage's config re-runs that stage and those after it.
 
 No logic lives here and nothing is installed at run time: every component runs the
 project image (`install_kfp_package=False`, no `packages_to_install`). Stage configs
@@ -13,6 +17,14 @@ from typing import List  # noqa: UP035 - KFP reads the annotation and wants typi
 
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
+
+
+def workspace_op(pvc_name: str, create: str):
+    # Ensures the workspace PVC exists (creating it when `create`, a JSON claim, is set)
+    # before anything mounts it.
+    from pipelines.stages import run_stage
+
+    run_stage("workspace", locals())
 
 
 def fingerprint_op(
@@ -28,9 +40,11 @@ def fingerprint_op(
     publish_params: str,
     key: dsl.OutputPath(str),
     reason: dsl.OutputPath(str),
+    data_key: dsl.OutputPath(str),
+    train_key: dsl.OutputPath(str),
 ) -> bool:
-    # Returns `changed`; the key and the reason are output parameters. (kfp.local does not
-    # resolve a NamedTuple output in a dsl.If condition.)
+    # Returns `changed`; the run key, the reason and each stage's cache key part are
+    # output parameters. (kfp.local does not resolve a NamedTuple field in a dsl.If.)
     from pipelines.stages import run_stage
 
     return run_stage("fingerprint", locals())
@@ -44,7 +58,7 @@ def base_model_op(model_params: str, base_model: Output[Model]):
 
 def pack_op(
     source: str,
-    run_key: str,
+    data_key: str,
     workspace: str,
     data_params: str,
     pack_params: str,
@@ -56,7 +70,6 @@ def pack_op(
 
 
 def cache_op(
-    run_key: str,
     workspace: str,
     cache_params: str,
     shards: Input[Dataset],
@@ -69,7 +82,6 @@ def cache_op(
 
 
 def cache_worker_op(
-    run_key: str,
     cache_params: str,
     worker_index: int,
     num_workers: int,
@@ -83,7 +95,6 @@ def cache_worker_op(
 
 
 def cache_merge_op(
-    run_key: str,
     workspace: str,
     num_workers: int,
     shards: Input[Dataset],
@@ -96,8 +107,8 @@ def cache_merge_op(
 
 
 def train_op(
-    run_key: str,
     workspace: str,
+    train_key: str,
     train_params: str,
     latents: Input[Dataset],
     base_model: Input[Model],
@@ -111,7 +122,6 @@ def train_op(
 
 
 def evaluate_op(
-    run_key: str,
     workspace: str,
     evaluate_params: str,
     model: Input[Model],
@@ -149,6 +159,7 @@ def summary_op(workspace: str, status: dsl.PipelineTaskFinalStatus, summary: Out
 def make_ops(image: str) -> SimpleNamespace:
     """The components above, bound to the project image `image`."""
     funcs = (
+        workspace_op,
         fingerprint_op,
         base_model_op,
         pack_op,

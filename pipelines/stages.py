@@ -8,9 +8,15 @@ Here, for every stage alike:
   none) holds what outlives a pod: the fetched source, pack's and cache's
   content-keyed stores, train's checkpoints keyed by the run, a registry given as a
   relative path, and the run notes (`runs/<run id>/<stage>.json`) the summary reads;
-- `run_key` (the fingerprint task's output: source, data fingerprint, config hash) is
-  an input of every later task, so KFP's cache keys follow the data;
-- a user-caused failure is one line on stderr and exit 2 (config) or 1 (anything else).
+- the fingerprint task decides whether to train, against what the last run decided
+  (`decisions/<publish.name>.json` on the workspace, written by the summary), and hands
+  each stage the part of the key it depends on (`data_key` to pack; `train_key` to
+  train, the run id under `retrain: always`); `run_key` reaches publish's lineage;
+- every stage leaves a note (`runs/<run id>/<stage>.json`): running, done or failed
+  with its one line; the summary reads them;
+- a user-caused failure is one line on stderr and exit 2 (config) or 1 (anything else),
+  noted as final: a retried attempt of that stage in the same run exits at once with
+  the same line (KFP retries every non-zero exit; only a lost pod is worth a retry).
 The run id comes from the pod's `pipeline/runid` label (T2I_RUN_ID, set by the DAG).
 """
 
@@ -23,6 +29,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -57,6 +64,12 @@ TRAINED_FROM = ("data", "model", "pack", "cache", "train", "evaluate")
 STAGE_ORDER = ("fingerprint", "base_model", "pack", "cache", "train", "evaluate", "publish")
 RUN_ID_ENV = "T2I_RUN_ID"
 NOTIFY_ENV = "T2I_NOTIFY_URL"
+# The run states both vocabularies use: the backend's (MLMD execution states, what
+# its exit handler receives) and kfp.local's.
+SUCCEEDED_STATES = {"COMPLETE", "CACHED", "SUCCEEDED"}
+CANCELLED_STATES = {"CANCELED", "CANCELLED"}
+# The note a stage writes (the cache's workers and merge report as the cache).
+NOTE_OF = {"cache_merge": "cache", "cache_worker": "cache"}
 
 
 @dataclass(frozen=True)
@@ -84,6 +97,16 @@ class Context:
             note = {"stage": stage, "status": status, "summary": summary, **extra}
             write_json_atomic(folder / f"{stage}.json", note)
 
+    def read_note(self, stage: str) -> dict | None:
+        folder = self.run_dir()
+        path = folder / f"{stage}.json" if folder is not None else None
+        if path is None or not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except ValueError:
+            return None
+
 
 def run_stage(stage: str, io: dict[str, Any]) -> Any:
     """Run `stage` with a component's inputs and outputs `io` (its `locals()`)."""
@@ -91,6 +114,15 @@ def run_stage(stage: str, io: dict[str, Any]) -> Any:
     workspace = io.pop("workspace", "") or ""
     run_key = io.pop("run_key", "") or ""
     ctx = Context(Path(workspace) if workspace else None, json.loads(run_key) if run_key else None)
+    note = NOTE_OF.get(stage, stage)
+    earlier = ctx.read_note(note)
+    if earlier and earlier.get("status") == "failed" and earlier.get("final"):
+        # A retried attempt of a stage whose failure a retry cannot fix (bad config or
+        # data): the same line, at once, without loading anything.
+        print(f"{stage}: {earlier['summary']} (failed before; not retried)", file=sys.stderr)
+        raise SystemExit(earlier.get("exit", 1))
+    if stage not in ("summary", "cache_worker"):
+        ctx.note(note, "running", f"{stage} started")
     try:
         for name in [k for k in io if k.endswith("_params")]:
             section = name[: -len("_params")]
@@ -98,20 +130,36 @@ def run_stage(stage: str, io: dict[str, Any]) -> Any:
             io[section] = validate_section(SECTIONS[section], raw, section)
         return _STAGES[stage](ctx, **io)
     except T2IError as e:
-        ctx.note(stage, "failed", str(e))
+        code = 2 if isinstance(e, ConfigError) else 1
+        ctx.note(note, "failed", first_line(e), final=True, exit=code)
         print(f"{stage}: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2 if isinstance(e, ConfigError) else 1) from None
+        raise SystemExit(code) from None
+
+
+def say(stage: str, line: str) -> None:
+    """A stage's one-line summary, as the last line of its log."""
+    print(f"{stage}: {line}", flush=True)
 
 
 # -- the stages ----------------------------------------------------------------------
 
 
-def fingerprint(ctx: Context, source: str, retrain: str, key: str, reason: str, **sections) -> bool:
+def fingerprint(
+    ctx: Context,
+    source: str,
+    retrain: str,
+    key: str,
+    reason: str,
+    data_key: str,
+    train_key: str,
+    **sections,
+) -> bool:
     """Whether to train: the data's fingerprint where it lives and the config hash,
-    against the lineage of the newest published version. Writes the run key (JSON) and
-    the reason to the output parameter files `key` and `reason`."""
-    from components.publish.latest import latest_published
-
+    against what the last run decided (else the latest published version's lineage).
+    Every section is validated here, before any other task runs. Writes the run key
+    (JSON), the reason, pack's `data_key` (the data fingerprint) and train's
+    `train_key` (the run id under `retrain: always`, so every run trains; else empty)
+    to the output parameter files."""
     data: DataConfig = sections["data"]
     config = {s: sections[s].model_dump() for s in TRAINED_FROM}
     config["data"].pop("source")  # the content is the fingerprint's; the place may move
@@ -119,16 +167,75 @@ def fingerprint(ctx: Context, source: str, retrain: str, key: str, reason: str, 
         "source": data.dataset_name or source,
         "data_fingerprint": source_fingerprint(source, data),
         "config_sha256": sha256_json(config),
+        "publish_sha256": sha256_json(sections["publish"].model_dump()),
     }
-    latest = latest_published(_registry_here(sections["publish"], ctx))
-    changed, why = decide(run_key, latest, retrain)
-    for path, text in ((key, json.dumps(run_key, sort_keys=True)), (reason, why)):
+    record = decision_record(ctx, sections["publish"])
+    last = read_decision(record) or _latest(sections["publish"], ctx)
+    changed, why = decide(run_key, last, retrain)
+    nonce = (os.environ.get(RUN_ID_ENV) or str(time.time_ns())) if retrain == "always" else ""
+    outputs = {
+        key: json.dumps(run_key, sort_keys=True),
+        reason: why,
+        data_key: run_key["data_fingerprint"],
+        train_key: nonce,
+    }
+    for path, text in outputs.items():
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(text)
-    ctx.note("fingerprint", "done", why, changed=changed, run_key=run_key)
+    ctx.note(
+        "fingerprint",
+        "done",
+        why,
+        changed=changed,
+        run_key=run_key,
+        decision_record=str(record) if record else None,
+    )
     short = f"{run_key['data_fingerprint'][:12]} config {run_key['config_sha256'][:12]}"
-    print(f"fingerprint: data {short}: {why}")
+    say("fingerprint", f"data {short}: {why}")
     return changed
+
+
+@dataclass(frozen=True)
+class LastRun:
+    """What the last run that trained decided: its run key and what became of it."""
+
+    run_key: dict[str, Any]
+    run_id: str
+    published_version: int | None
+    gate_passed: bool | None
+
+    def describe(self) -> str:
+        if self.published_version is not None:
+            outcome = f"published v{self.published_version}"
+        elif self.gate_passed is False:
+            outcome = "the gate failed, not published"
+        else:
+            outcome = "not published"
+        return f"the last run ({self.run_id}: {outcome})"
+
+
+def decision_record(ctx: Context, publish: PublishConfig) -> Path | None:
+    """Where the pipeline keeps its last decision for this model (None: no workspace)."""
+    if ctx.workspace is None:
+        return None
+    return ctx.workspace / "decisions" / f"{publish.name}.json"
+
+
+def read_decision(record: Path | None) -> LastRun | None:
+    if record is None or not record.is_file():
+        return None
+    try:
+        doc = json.loads(record.read_text())
+        return LastRun(doc["run_key"], doc["run_id"], doc.get("published_version"),
+                       doc.get("gate_passed"))  # fmt: skip
+    except (ValueError, KeyError, TypeError):
+        return None  # unreadable: decided afresh (and rewritten by this run's summary)
+
+
+def _latest(publish: PublishConfig, ctx: Context):
+    from components.publish.latest import latest_published
+
+    return latest_published(_registry_here(publish, ctx))
 
 
 def source_fingerprint(source: str, data: DataConfig) -> str:
@@ -140,26 +247,39 @@ def source_fingerprint(source: str, data: DataConfig) -> str:
     return remote.fingerprint(source)
 
 
-def decide(key: dict[str, Any], latest, retrain: str) -> tuple[bool, str]:
-    """Whether to train, and why, given the newest published version (or None).
+def decide(key: dict[str, Any], last, retrain: str) -> tuple[bool, str]:
+    """Whether to train, and why, given what the last run decided (a `LastRun`) or,
+    without that record, the latest published version (a `Published`), or None.
     ConfigError for a `retrain` that is neither on_change nor always."""
     if retrain not in ("on_change", "always"):
         raise ConfigError(
             f"pipeline parameter retrain: {retrain!r} is neither on_change nor always"
         )
-    if latest is None:
-        return True, "nothing published yet"
-    since = f"v{latest.version} ({latest.where})"
+    if last is None:
+        return True, "nothing trained or published yet"
+    since = last.describe()
     if retrain == "always":
-        return True, f"pipeline.retrain: always (latest {since})"
-    before = latest.run_key
+        return True, f"pipeline.retrain: always (since {since})"
+    before = last.run_key
     if not before:
         return True, f"{since} has no pipeline run key (published outside a pipeline run)"
     if before.get("data_fingerprint") != key["data_fingerprint"]:
         return True, f"data changed since {since}"
     if before.get("config_sha256") != key["config_sha256"]:
         return True, f"config changed since {since}"
+    if before.get("publish_sha256", key.get("publish_sha256")) != key.get("publish_sha256"):
+        return True, (
+            f"publish settings changed since {since} (the stages before publish come from "
+            "KFP's cache)"
+        )
     return False, f"data and config unchanged since {since}"
+
+
+def workspace(ctx: Context, pvc_name: str, create: str) -> None:
+    """Make sure the workspace PVC exists (created when `create` holds a claim)."""
+    from pipelines.kube import ensure_pvc
+
+    say("workspace", ensure_pvc(pvc_name, json.loads(create) if create else None))
 
 
 def base_model(ctx: Context, model: ModelConfig, base_model) -> None:
@@ -167,11 +287,16 @@ def base_model(ctx: Context, model: ModelConfig, base_model) -> None:
 
     stage.run(model, Path(base_model.path))
     ctx.note("base_model", "done", f"base model {model.source} ready")
+    say("base_model", f"base model {model.source} ready")
 
 
-def pack(ctx: Context, source: str, data: DataConfig, pack: PackConfig, shards) -> None:
+def pack(
+    ctx: Context, source: str, data_key: str, data: DataConfig, pack: PackConfig, shards
+) -> None:
     """Fetch the source (only what changed, into the workspace) and pack it into the
-    workspace's store for this source and config, which keeps every unchanged shard."""
+    workspace's store for this source and config, which keeps every unchanged shard.
+    `data_key` (the data's fingerprint) is only a cache key: KFP re-runs pack when
+    the data changed, though the source's name did not."""
     from components import pack_shards as stage
     from components.common import remote
 
@@ -183,21 +308,21 @@ def pack(ctx: Context, source: str, data: DataConfig, pack: PackConfig, shards) 
         name = data.dataset_name or source
         report = stage.run(data, pack, local, store or out, source_name=name)
         _mirror(store or out, out)
-    shards.metadata.update(source=source, samples=report.kept, **_key_metadata(ctx))
+    shards.metadata.update(source=source, samples=report.kept, data_fingerprint=data_key)
     ctx.note("pack", "done", report.summary(), written=report.written, shards=report.shards)
-    print(report.summary())
+    say("pack", report.summary())
 
 
 def cache(ctx: Context, cache: CacheConfig, shards, base_model, latents) -> None:
     from components import cache_latents as stage
 
     out = Path(latents.path)
-    store = ctx.store("cache", [_source(ctx), cache.model_dump()])
+    store = ctx.store("cache", [_packed_source(Path(shards.path)), cache.model_dump()])
     with _locked(store):
         report = stage.run(cache, Path(shards.path), Path(base_model.path), store or out)
         _mirror(store or out, out)
     ctx.note("cache", "done", report.summary(), encoded=report.shards_encoded)
-    print(report.summary())
+    say("cache", report.summary())
 
 
 def cache_worker(
@@ -209,7 +334,7 @@ def cache_worker(
     report = stage.run(
         cache, Path(shards.path), Path(base_model.path), Path(part.path), worker_index, num_workers
     )
-    print(report.summary())
+    say("cache_worker", report.summary())
 
 
 def cache_merge(ctx: Context, num_workers: int, shards, parts, latents) -> None:
@@ -221,15 +346,27 @@ def cache_merge(ctx: Context, num_workers: int, shards, parts, latents) -> None:
     manifest = stage.merge(Path(shards.path), out, count=num_workers)
     line = f"merged {len(manifest.shards)} latent shards from {num_workers} workers"
     ctx.note("cache", "done", line)
-    print(line)
+    say("cache_merge", line)
 
 
-def train(ctx: Context, train: TrainConfig, latents, base_model, model, reports, train_metrics):
-    """Train; checkpoints go to the workspace, keyed by the run (data, config), so a
-    retried or preempted pod resumes from the last one exactly."""
+def train(
+    ctx: Context,
+    train_key: str,
+    train: TrainConfig,
+    latents,
+    base_model,
+    model,
+    reports,
+    train_metrics,
+):
+    """Train; checkpoints go to the workspace, keyed by what the run trains on (the
+    latent shards, the train config, `train_key`), so a retried or preempted pod
+    resumes from the last one exactly, and another run never touches them."""
     from components import train_unet as stage
+    from components.common.records import read_latent_manifest
 
-    checkpoints = ctx.store("checkpoints", [ctx.run_key, train.model_dump()])
+    shards = [s.sha256 for s in read_latent_manifest(Path(latents.path)).shards]
+    checkpoints = ctx.store("checkpoints", [shards, train.model_dump(), train_key])
     with _locked(checkpoints):
         report = stage.run(
             train,
@@ -243,7 +380,7 @@ def train(ctx: Context, train: TrainConfig, latents, base_model, model, reports,
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             train_metrics.log_metric(key, float(value))
     ctx.note("train", "done", report.summary(), resumed_from_step=report.resumed_from_step)
-    print(report.summary())
+    say("train", report.summary())
 
 
 def evaluate(
@@ -271,7 +408,7 @@ def evaluate(
     # The self-contained report, shown by the KFP UI's HTML visualisation.
     shutil.copyfile(out / "report.html", report.path)
     ctx.note("evaluate", "done", result.summary(), gate_passed=result.gate_passed)
-    print(result.summary())
+    say("evaluate", result.summary())
     return result.gate_passed
 
 
@@ -287,35 +424,61 @@ def publish(ctx: Context, publish: PublishConfig, model, evaluation, receipt) ->
     )
     version = result.local.version if result.local else (result.hub.version if result.hub else None)
     ctx.note("publish", "done", result.summary(), published=result.published, version=version)
-    print(result.summary())
+    say("publish", result.summary())
 
 
 def summary(ctx: Context, status, summary) -> None:
-    """The exit handler: what ran, what was skipped and why, what was published; to the
-    `summary` artifact, the run's workspace folder, the log and the webhook."""
+    """The exit handler: what ran, what was skipped and why, what was published, and on
+    a failure which stage failed and its line; to the `summary` artifact, the run's
+    workspace folder, the log and the webhook. A run that succeeded after deciding to
+    train leaves its decision for the next run's fingerprint to compare with."""
     run_dir = ctx.run_dir()
     doc = run_summary(run_dir, status.state, status.error_message)
     Path(summary.path).parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(Path(summary.path), doc)
     if run_dir is not None:
         write_json_atomic(run_dir / "summary.json", doc)
-    print(doc["text"])
+        if doc["outcome"] == "succeeded":
+            keep_decision(run_dir, doc)
+    say("summary", doc["text"])
     url = os.environ.get(NOTIFY_ENV, "")
     if url:
         notify(url, doc)
 
 
-def run_summary(run_dir: Path | None, state: str, error: str | None = None) -> dict[str, Any]:
-    """The run summary from the stages' notes in `run_dir`."""
+def read_notes(run_dir: Path | None) -> dict[str, dict]:
     notes = {}
     if run_dir is not None and run_dir.is_dir():
         for path in run_dir.glob("*.json"):
-            note = json.loads(path.read_text())
+            try:
+                note = json.loads(path.read_text())
+            except ValueError:
+                continue
             if isinstance(note, dict) and note.get("stage") in STAGE_ORDER:
                 notes[note["stage"]] = note
+    return notes
+
+
+def outcome_of(state: str) -> str:
+    """succeeded, failed or cancelled, from either vocabulary (the backend's MLMD states
+    COMPLETE/FAILED/CANCELED, kfp.local's SUCCEEDED/FAILURE...)."""
+    word = (state or "").upper()
+    if word in SUCCEEDED_STATES:
+        return "succeeded"
+    if word in CANCELLED_STATES:
+        return "cancelled"
+    return "failed"
+
+
+def run_summary(run_dir: Path | None, state: str, error: str | None = None) -> dict[str, Any]:
+    """The run summary from the stages' notes in `run_dir`. The backend hands the exit
+    task its state with an empty error, so a failure's cause comes from the notes: the
+    stage that failed and its one line, or the stage that started and never finished."""
+    notes = read_notes(run_dir)
+    outcome = outcome_of(state)
     stages, skipped_why = {}, None
     decided = notes.get("fingerprint")
-    if decided and not decided.get("changed"):
+    if decided and decided.get("status") == "done" and not decided.get("changed"):
         skipped_why = decided["summary"]
     gate = notes.get("evaluate", {}).get("gate_passed")
     for stage in STAGE_ORDER:
@@ -327,26 +490,71 @@ def run_summary(run_dir: Path | None, state: str, error: str | None = None) -> d
             stages[stage] = {"status": "skipped", "summary": "the evaluation gate failed"}
         elif run_dir is None:
             stages[stage] = {"status": "unknown", "summary": "no workspace: see the KFP UI"}
+        elif outcome == "succeeded":
+            stages[stage] = {"status": "cached", "summary": "reused from KFP's cache"}
         else:
-            stages[stage] = {"status": "not run", "summary": "reused from KFP's cache, or skipped"}
+            stages[stage] = {"status": "not run", "summary": "not reached"}
+    failed_stage, cause = _failure(notes, outcome, error)
     published = notes.get("publish", {})
     version = published.get("version") if published.get("published") else None
-    head = f"run {state.lower()}"
-    if skipped_why:
+    head = f"run {outcome}"
+    if failed_stage or cause:
+        head += f": {failed_stage + ': ' if failed_stage else ''}{cause}"
+    elif skipped_why:
         head += f": {skipped_why}; nothing trained"
     elif version is not None:
         head += f": published v{version}"
     elif gate is False:
         head += ": the evaluation gate failed, nothing published"
-    if error:
+    if error and cause != first_line(error):
         head += f" ({first_line(error)})"
     return {
         "state": state,
+        "outcome": outcome,
         "error": error or None,
+        "failed_stage": failed_stage,
         "published_version": version,
         "stages": stages,
         "text": head,
     }
+
+
+def _failure(notes: dict, outcome: str, error: str | None) -> tuple[str | None, str | None]:
+    """(the failed stage, its line) of a run that did not succeed."""
+    if outcome == "succeeded":
+        return None, None
+    for stage in STAGE_ORDER:
+        if notes.get(stage, {}).get("status") == "failed":
+            return stage, notes[stage]["summary"]
+    for stage in STAGE_ORDER:
+        if notes.get(stage, {}).get("status") == "running":
+            return stage, (
+                "started and did not finish (its pod was lost, killed or out of memory; "
+                "see its log)"
+            )
+    if outcome == "cancelled":
+        return None, None
+    return None, first_line(error) if error else "no stage said why; see the KFP UI"
+
+
+def keep_decision(run_dir: Path, doc: dict) -> None:
+    """After a successful run that trained, write what it decided and what became of it
+    to the record the next run's fingerprint compares with."""
+    notes = read_notes(run_dir)
+    decided = notes.get("fingerprint", {})
+    record = decided.get("decision_record")
+    if not record or not decided.get("changed"):
+        return
+    write_json_atomic(
+        Path(record),
+        {
+            "run_key": decided["run_key"],
+            "run_id": run_dir.name,
+            "published_version": doc["published_version"],
+            "gate_passed": notes.get("evaluate", {}).get("gate_passed"),
+            "decided_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        },
+    )
 
 
 def notify(url: str, doc: dict[str, Any], attempts: int = 3) -> bool:
@@ -370,6 +578,7 @@ def notify(url: str, doc: dict[str, Any], attempts: int = 3) -> bool:
 
 
 _STAGES = {
+    "workspace": workspace,
     "fingerprint": fingerprint,
     "base_model": base_model,
     "pack": pack,
@@ -418,13 +627,11 @@ def _dataset_fingerprint(data: DataConfig) -> str:
     return sha256_json([*key, sha])
 
 
-def _source(ctx: Context) -> str:
-    return (ctx.run_key or {}).get("source", "")
+def _packed_source(shards: Path) -> str:
+    """The source a pack output was made from (its manifest names it)."""
+    from components.common.records import read_pack_manifest
 
-
-def _key_metadata(ctx: Context) -> dict[str, str]:
-    key = ctx.run_key or {}
-    return {k: key[k] for k in ("data_fingerprint", "config_sha256") if k in key}
+    return read_pack_manifest(shards).source
 
 
 @contextmanager

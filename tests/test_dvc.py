@@ -65,7 +65,7 @@ def receipt(project: Path) -> dict:
 
 def versions(project: Path) -> list[str]:
     folder = project / "artifacts" / "registry" / "t2i-tiny"
-    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
 
 
 @pytest.fixture(scope="module")

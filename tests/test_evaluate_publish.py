@@ -243,7 +243,8 @@ def test_concurrent_publishes_both_succeed(trained, evaluation, tmp_path):
     with multiprocessing.get_context("fork").Pool(3) as pool:
         versions = pool.map(_publish_in_process, jobs)
     assert sorted(set(versions)) == [1, 2] and versions[0] == versions[2]
-    assert sorted(p.name for p in (tmp_path / "registry" / "m").iterdir()) == ["1", "2"]
+    names = sorted(p.name for p in (tmp_path / "registry" / "m").iterdir())
+    assert names == ["1", "2", "latest.json"]  # one folder per UNet, and the latest's name
 
 
 def test_failed_gate_publishes_nothing_and_says_which_check(trained, evaluation, tmp_path):

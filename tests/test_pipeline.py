@@ -47,7 +47,7 @@ def test_components_are_thin_and_run_the_project_image():
     spec, _ = load(COMPILED)
     params = load_params(REPO / "params.yaml")
     executors = spec["deploymentSpec"]["executors"]
-    assert len(executors) == 8
+    assert len(executors) == 9
     for executor in executors.values():
         container = executor["container"]
         assert container["image"] == params.pipeline.image
@@ -58,6 +58,7 @@ def test_components_are_thin_and_run_the_project_image():
         assert body.count("run_stage(") == 1 and len(body.splitlines()) < 30
     tasks = all_tasks(spec)
     assert set(tasks) == {
+        "workspace-op",
         "summary-op",
         "exit-handler-1",
         "fingerprint-op",
@@ -73,16 +74,56 @@ def test_components_are_thin_and_run_the_project_image():
     assert tasks["train-op"]["dependentTasks"] == ["base-model-op", "cache-op"]
 
 
-def test_fingerprint_runs_uncached_first_and_its_key_feeds_every_later_task():
+# What the backend must never serve from its cache: their job is an effect outside KFP.
+SIDE_EFFECTS = ("workspace-op", "fingerprint-op", "publish-op", "summary-op")
+PURE = ("base-model-op", "pack-op", "cache-op", "train-op", "evaluate-op")
+
+
+def test_side_effect_tasks_are_never_cached_and_pure_ones_are():
+    tasks = all_tasks(load(COMPILED)[0])
+    for name in SIDE_EFFECTS:
+        assert tasks[name]["cachingOptions"] == {}, name  # enableCache absent: off
+    for name in PURE:
+        assert tasks[name]["cachingOptions"] == {"enableCache": True}, name
+
+
+def test_each_tasks_cache_key_is_what_it_reads():
+    """KFP's cache key is a task's inputs: pack gets the data's fingerprint (it cannot
+    see file content) and the data and pack configs; cache, train and evaluate their
+    upstream artifacts and their own config; nothing gets the whole run's key, so one
+    stage's config change misses only that stage and those after it."""
+    spec, _ = load(COMPILED)
+    tasks = all_tasks(spec)
+
+    def inputs(name):
+        task = tasks[name]["inputs"]
+        return set(task.get("parameters", {})) | set(task.get("artifacts", {}))
+
+    assert inputs("pack-op") == {"source", "data_key", "workspace", "data_params", "pack_params"}
+    assert tasks["pack-op"]["inputs"]["parameters"]["data_key"] == {
+        "componentInputParameter": "pipelinechannel--fingerprint-op-data_key"
+    }
+    assert inputs("base-model-op") == {"model_params"}
+    assert inputs("cache-op") == {"workspace", "cache_params", "shards", "base_model"}
+    assert inputs("train-op") == {"workspace", "train_key", "train_params", "latents", "base_model"}
+    assert inputs("evaluate-op") == {
+        "workspace", "evaluate_params", "model", "base_model", "latents", "shards"
+    }  # fmt: skip
+    assert "run_key" in inputs("publish-op")  # uncached: its lineage names the run
+    for name in PURE:
+        assert not {"run_key", "retrain"} & inputs(name), name
+
+
+def test_fingerprint_decides_first_and_the_workspace_is_made_sure_of_before_the_run():
     spec, _ = load(COMPILED)
     tasks = all_tasks(spec)
     fingerprint = tasks["fingerprint-op"]
     assert fingerprint["_in"] == "comp-exit-handler-1"
-    assert fingerprint["cachingOptions"] == {}  # enableCache absent: caching off
-    for name in ("pack-op", "cache-op", "train-op", "evaluate-op", "publish-op"):
-        key = tasks[name]["inputs"]["parameters"]["run_key"]
-        assert key == {"componentInputParameter": "pipelinechannel--fingerprint-op-key"}, name
-        assert tasks[name]["cachingOptions"] == {"enableCache": True}, name
+    outputs = spec["components"]["comp-fingerprint-op"]["outputDefinitions"]["parameters"]
+    assert set(outputs) == {"Output", "key", "reason", "data_key", "train_key"}
+    # A missing PVC is one clear failure before anything mounts it (the summary too).
+    assert tasks["workspace-op"]["_in"] == "root"
+    assert tasks["exit-handler-1"]["dependentTasks"] == ["workspace-op"]
     changed = tasks["condition-2"]
     assert changed["taskInfo"]["name"] == "changed"
     assert changed["triggerPolicy"]["condition"] == (
@@ -174,10 +215,14 @@ def test_stage_resources_gpus_node_selectors_tolerations_shm_and_retries(tmp_pat
         (shm,) = k8s[f"exec-{stage}-op"]["emptyDirMounts"]
         assert shm["mountPath"] == "/dev/shm" and shm["medium"] == "Memory"
     ops = {n: t for n, t in all_tasks(spec).items() if n.endswith("-op")}
-    assert len(ops) == 8
-    for name, task in ops.items():
-        assert task["retryPolicy"]["maxRetryCount"] == 3, name
-        assert task["retryPolicy"]["backoffDuration"] == "60s", name
+    assert len(ops) == 9
+    # Retries are for pods a cluster loses: the GPU stages; a failure elsewhere (bad
+    # config or data) must not be retried with back-off.
+    retried = {n for n, t in ops.items() if "retryPolicy" in t}
+    assert retried == {"cache-op", "train-op", "evaluate-op"}
+    for name in retried:
+        assert ops[name]["retryPolicy"]["maxRetryCount"] == 3, name
+        assert ops[name]["retryPolicy"]["backoffDuration"] == "60s", name
 
 
 def test_workspace_secrets_and_run_id_in_the_platform_spec(tmp_path):
@@ -213,15 +258,20 @@ def test_workspace_secrets_and_run_id_in_the_platform_spec(tmp_path):
         (mount,) = k8s[f"exec-{stage}-op"]["pvcMount"]
         assert mount["constant"] == "team-ws" and mount["mountPath"] == "/ws", stage
     assert "pvcMount" not in k8s["exec-base-model-op"]
-    for stage in ("fingerprint", "base-model", "pack", "publish"):
+    # Every stage that may read the Hub (a gated base model, a CLIP or feature model, a
+    # non_ema_revision) gets the token; the summary and the workspace task do not.
+    for stage in ("fingerprint", "base-model", "pack", "cache", "train", "evaluate", "publish"):
         assert env_from(stage)["HF_TOKEN"] == ("hf-token", "token"), stage
     for stage in ("fingerprint", "pack", "publish"):
         assert env_from(stage)["AWS_ACCESS_KEY_ID"] == ("s3-creds", "AWS_ACCESS_KEY_ID")
         assert env_from(stage)["AWS_SECRET_ACCESS_KEY"][0] == "s3-creds"
-    for stage in ("cache", "train", "evaluate"):  # no secret where none is needed
-        assert env_from(stage) == {}, stage
+    for stage in ("cache", "train", "evaluate"):  # no storage secret where none is needed
+        assert set(env_from(stage)) == {"HF_TOKEN"}, stage
     assert env_from("summary") == {"T2I_NOTIFY_URL": ("slack", "url")}
-    for executor in k8s.values():
+    assert "exec-workspace-op" not in k8s or not k8s["exec-workspace-op"].get("pvcMount")
+    for name, executor in k8s.items():
+        if name == "exec-workspace-op":
+            continue
         (run_id,) = executor["fieldPathAsEnv"]
         assert run_id == {"name": "T2I_RUN_ID", "fieldPath": "metadata.labels['pipeline/runid']"}
     parameters = spec["root"]["inputDefinitions"]["parameters"]
@@ -315,18 +365,28 @@ def _parquet(sample: Path, out: Path) -> Path:
 
 def test_run_local_accepts_a_parquet_file_source(tmp_path, sample_source, monkeypatch):
     """`dvc repro` packs a .parquet file; run-local must accept the same source."""
+    from pipelines.backend import LocalBackend, RunResult
+
     parquet = _parquet(sample_source, tmp_path / "data.parquet")
     seen, built = {}, []
+    real_build = commands.build_pipeline
     monkeypatch.setattr(
         commands,
         "build_pipeline",
-        lambda params: built.append(params) or (lambda **kw: seen.update(kw) or None),
+        lambda params, **kw: built.append(params) or real_build(params, **kw),
     )
+
+    def run(self, package, parameters, run_id):
+        seen.update(parameters, package=package)
+        return RunResult(run_id, "COMPLETE", {})
+
+    monkeypatch.setattr(LocalBackend, "run", run)
     claim = "pipeline.workspace_create={storage_class: fast}"
     params = load_params(None, [f"data.source={parquet}", claim])
     run_local(params, tmp_path / "root")
-    # kfp.local runs no CreatePVC and no retries: the workspace is a folder here.
+    # No PVC and no retries here: the workspace is a folder, a failure is not a lost pod.
     assert built[0].pipeline.workspace_create is None and built[0].pipeline.retries.count == 0
+    assert "workspace-op" not in all_tasks(load(seen["package"])[0])
     assert seen["source"] == str(parquet)
     # The fingerprint is the DAG's first task's (in the cluster), never a client argument.
     assert "source_fingerprint" not in seen
@@ -334,6 +394,15 @@ def test_run_local_accepts_a_parquet_file_source(tmp_path, sample_source, monkey
     assert remote.fingerprint(str(parquet)) == sha256_file(parquet)
     with pytest.raises(ConfigError, match="'nowhere.parquet': no such folder or file"):
         run_local(load_params(None, ["data.source=nowhere.parquet"]), tmp_path / "root")
+
+
+def artifact(result: dict, task: str, output: str) -> Path:
+    """Where a local run's task wrote (or, cached, had written) an output artifact."""
+    return Path(result["tasks"][task].artifacts[output][0].uri)
+
+
+def states(result: dict) -> dict[str, str]:
+    return {n: t.state for n, t in result["tasks"].items() if n.endswith("-op")}
 
 
 @pytest.mark.slow
@@ -349,28 +418,33 @@ def test_run_local_completes_with_every_artifact(tmp_path, sample_source, monkey
             f"publish.registry={tmp_path / 'registry'}",
         ],
     )
-    result = run_local(params, tmp_path / "root")
-    run_dir = next(p for p in Path(result["root"]).iterdir() if p.name != "workspace")
-    latents = json.loads((run_dir / "cache-merge-op" / "latents" / "manifest.json").read_text())
-    packed = json.loads((run_dir / "pack-op" / "shards" / "manifest.json").read_text())
+    lines = []
+    result = run_local(params, tmp_path / "root", log=lines.append)
+    latents = json.loads(
+        (artifact(result, "cache-merge-op", "latents") / "manifest.json").read_text()
+    )
+    packed = json.loads((artifact(result, "pack-op", "shards") / "manifest.json").read_text())
     assert [e["source_name"] for e in latents["shards"]] == [e["name"] for e in packed["shards"]]
     assert sum(latents["samples"].values()) == 48
-    assert (run_dir / "train-op" / "model" / "unet").is_dir()
-    assert (run_dir / "evaluate-op" / "evaluation" / "grid.png").is_file()
-    assert (run_dir / "evaluate-op" / "report").read_text().startswith("<!doctype html>")
-    executed = json.loads((run_dir / "evaluate-op" / "executor_output.json").read_text())
-    logged = executed["artifacts"]["eval_metrics"]["artifacts"][0]["metadata"]
+    assert (artifact(result, "train-op", "model") / "unet").is_dir()
+    assert (artifact(result, "evaluate-op", "evaluation") / "grid.png").is_file()
+    assert artifact(result, "evaluate-op", "report").read_text().startswith("<!doctype html>")
+    logged = result["tasks"]["evaluate-op"].artifacts["eval_metrics"][0].metadata
     assert {"base_val_loss", "tuned_val_loss", "val_loss_ratio"} <= set(logged)
     assert {"base_clip_score", "tuned_clip_score", "base_fd", "tuned_fd", "tuned_kid"} <= set(
         logged
     )
-    assert executed["parameterValues"]["Output"] is True  # the gate decision
-    receipt = json.loads((run_dir / "publish-op" / "receipt" / "receipt.json").read_text())
+    assert result["tasks"]["evaluate-op"].parameters["Output"] is True  # the gate decision
+    receipt = json.loads((artifact(result, "publish-op", "receipt") / "receipt.json").read_text())
     # A local run is an experiment: evaluated and gated, not published by default.
     assert receipt["published"] is False and receipt["passed"] is True
     assert receipt["experiment"].startswith("run-local")
     assert "publish.from_experiments" in receipt["reason"]
     assert not (tmp_path / "registry").exists()
+    # One line per task, with the stage's own line; the full logs are files.
+    assert any(line.split()[:2] == ["pack", "complete"] and "packed 48 samples" in line
+               for line in lines)  # fmt: skip
+    assert len(lines) == len([t for t in result["tasks"].values() if t.log])
 
 
 @pytest.mark.slow
@@ -380,24 +454,18 @@ def test_run_local_with_a_failed_gate_skips_publish(tmp_path, sample_source, mon
         None,
         [
             f"data.source={sample_source}",
-            "model.tiny_vae_steps=8",
+            *SMALL_RUN,
             "train.max_train_steps=2",
-            "train.train_batch_size=4",
-            "evaluate.num_inference_steps=1",
-            "evaluate.prompts=[a red circle]",
-            "evaluate.heldout_captions=4",
             "evaluate.gate.max_val_loss_ratio=1e-6",  # no model passes this
-            "pack.val_fraction=0.2",
             "publish.from_experiments=true",
             f"publish.registry={tmp_path / 'registry'}",
         ],
     )
     result = run_local(params, tmp_path / "root")
-    run_dir = next(p for p in Path(result["root"]).iterdir() if p.name != "workspace")
-    executed = json.loads((run_dir / "evaluate-op" / "executor_output.json").read_text())
-    assert executed["parameterValues"]["Output"] is False
-    assert not (run_dir / "publish-op").exists()  # skipped by dsl.If
+    assert result["tasks"]["evaluate-op"].parameters["Output"] is False
+    assert result["tasks"]["publish-op"].state == "SKIPPED"  # by dsl.If
     summary = result["summary"]
+    assert summary["state"] == "COMPLETE"  # the backend's word, not kfp.local's
     assert summary["text"] == "run succeeded: the evaluation gate failed, nothing published"
     assert summary["stages"]["publish"] == {
         "status": "skipped",
@@ -408,10 +476,10 @@ def test_run_local_with_a_failed_gate_skips_publish(tmp_path, sample_source, mon
 
 @pytest.mark.slow
 def test_scheduled_runs_train_only_when_the_data_changed(tmp_path, s3, monkeypatch):
-    """Three kfp.local runs of the DAG over one workspace, with the data in S3 (a local
-    moto server): the first trains and publishes v1; the second, with nothing changed,
-    trains nothing; the third, after images were added, trains and publishes v2, and
-    pack and cache redo only the new shards."""
+    """Three runs of the DAG with the backend's cache over one workspace, with the data
+    in S3 (a local moto server): the first trains and publishes v1; the second, with
+    nothing changed, trains nothing; the third, after images were added, trains and
+    publishes v2, and pack and cache redo only the new shards."""
     from make_sample import make_sample
 
     from tests.conftest import upload_folder
@@ -433,22 +501,26 @@ def test_scheduled_runs_train_only_when_the_data_changed(tmp_path, s3, monkeypat
 
     first = run_local(params, root)["summary"]
     assert first["text"] == "run succeeded: published v1"
-    assert first["stages"]["fingerprint"]["summary"] == "nothing published yet"
+    assert first["stages"]["fingerprint"]["summary"] == "nothing trained or published yet"
     assert first["stages"]["train"]["status"] == "done"
     shards_v1 = first["stages"]["pack"]["shards"]
     assert first["stages"]["pack"]["written"] == shards_v1
 
-    second = run_local(params, root)["summary"]
-    assert second["text"].startswith("run succeeded: data and config unchanged since v1")
-    assert second["text"].endswith("nothing trained")
-    for stage in ("pack", "cache", "train", "evaluate", "publish"):
-        assert second["stages"][stage]["status"] == "skipped", stage
-    assert sorted(p.name for p in (tmp_path / "registry" / "t2i-tiny").iterdir()) == ["1"]
+    second = run_local(params, root)
+    assert second["summary"]["text"].startswith("run succeeded: data and config unchanged")
+    assert second["summary"]["text"].endswith("nothing trained")
+    assert states(second) == {"fingerprint-op": "COMPLETE", "summary-op": "COMPLETE",
+                              **{n: "SKIPPED" for n in states(second) if n not in
+                                 ("fingerprint-op", "summary-op")}}  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "registry" / "t2i-tiny").iterdir()) == [
+        "1",
+        "latest.json",
+    ]
 
     make_sample(tmp_path / "v2", count=64)  # the same 48 pictures, and 16 new ones
     upload_folder(s3, "data", tmp_path / "v2", "shapes")
     third = run_local(params, root)["summary"]
-    assert third["stages"]["fingerprint"]["summary"].startswith("data changed since v1")
+    assert third["stages"]["fingerprint"]["summary"].startswith("data changed since the last run")
     assert third["text"] == "run succeeded: published v2"
     pack = third["stages"]["pack"]
     assert pack["shards"] > shards_v1 and 0 < pack["written"] < pack["shards"]
@@ -457,6 +529,90 @@ def test_scheduled_runs_train_only_when_the_data_changed(tmp_path, s3, monkeypat
     assert lineage["run_key"]["source"] == "s3://data/shapes"
     assert lineage["source"]["source"] == "s3://data/shapes"
     assert sum(lineage["pack"]["samples"].values()) == 64
+
+
+@pytest.mark.slow
+def test_backend_caching_a_revert_a_retrain_and_an_evaluation_change(tmp_path, monkeypatch):
+    """Under the backend's cache semantics, over one workspace and one cache:
+    D1 -> v1; D2 -> v2; back to D1 -> pack, cache, train and evaluate come from KFP's
+    cache and publish runs: v1 is the latest again; D1 again -> nothing; only
+    evaluate.prompts changed -> pack, cache and train cached, evaluate and publish run;
+    retrain: always on unchanged data -> train runs again, and publish."""
+    from make_sample import make_sample
+
+    monkeypatch.chdir(tmp_path)
+    make_sample(tmp_path / "d1", count=48)
+    make_sample(tmp_path / "d2", count=48, seed=1)
+    registry = tmp_path / "registry"
+
+    def run(data: str, *sets: str) -> dict:
+        params = load_params(
+            None,
+            [f"data.source={tmp_path / data}", *SMALL_RUN, "publish.from_experiments=true",
+             f"publish.registry={registry}", *sets],
+        )  # fmt: skip
+        return run_local(params, tmp_path / "root")
+
+    def latest() -> int:
+        return json.loads((registry / "t2i-tiny" / "latest.json").read_text())["version"]
+
+    assert run("d1")["summary"]["text"] == "run succeeded: published v1"
+    assert run("d2")["summary"]["text"] == "run succeeded: published v2" and latest() == 2
+    back = run("d1")
+    assert back["summary"]["stages"]["fingerprint"]["summary"].startswith(
+        "data changed since the last run"
+    )
+    for name in ("base-model-op", "pack-op", "cache-op", "train-op", "evaluate-op"):
+        assert back["tasks"][name].state == "CACHED", name
+    assert back["tasks"]["publish-op"].state == "COMPLETE"  # never from the cache
+    assert back["summary"]["text"] == "run succeeded: published v1" and latest() == 1
+    again = run("d1")
+    assert again["summary"]["text"].endswith("nothing trained")
+    assert again["tasks"]["publish-op"].state == "SKIPPED"
+
+    prompts = run("d1", "evaluate.prompts=[a blue square]")
+    for name in ("pack-op", "cache-op", "train-op"):
+        assert prompts["tasks"][name].state == "CACHED", name
+    for name in ("evaluate-op", "publish-op"):
+        assert prompts["tasks"][name].state == "COMPLETE", name
+
+    always = run("d1", "evaluate.prompts=[a blue square]", "pipeline.retrain=always")
+    assert always["summary"]["stages"]["fingerprint"]["summary"].startswith(
+        "pipeline.retrain: always"
+    )
+    assert always["tasks"]["pack-op"].state == "CACHED"  # the data did not change
+    assert always["tasks"]["train-op"].state == "COMPLETE"  # trained, from step 0
+    assert always["summary"]["stages"]["train"]["resumed_from_step"] == 0
+    assert always["tasks"]["publish-op"].state == "COMPLETE"
+    assert always["summary"]["published_version"] == 1  # the same weights: v1, the latest
+
+
+def test_a_config_error_fails_the_run_at_once_and_the_summary_names_it(tmp_path, sample_source):
+    """A bad pack setting (as a user might give in the KFP UI): the fingerprint task,
+    which validates every section before anything runs, fails once (it is not
+    retried), nothing else runs, and the summary names the stage and the key."""
+    from kfp import compiler
+
+    from pipelines.backend import LocalBackend
+    from pipelines.finetune import build_pipeline
+
+    params = load_params(None, [f"data.source={sample_source}", *SMALL_RUN])
+    package = tmp_path / "p.yaml"  # as compiled for a cluster, less the PVC task
+    compiler.Compiler().compile(build_pipeline(params, in_cluster=False), str(package))
+    bad = json.dumps({**params.pack.model_dump(), "shard_max_samples": 0})
+    result = LocalBackend(tmp_path / "root").run(
+        package,
+        {"workspace": str(tmp_path / "ws"), "pack_params": bad, "source": str(sample_source)},
+        "run-1",
+    )
+    assert result.state == "FAILED"
+    fingerprint = result.tasks["fingerprint-op"]
+    assert fingerprint.state == "FAILED" and fingerprint.attempts == 1
+    assert result.tasks["pack-op"].state == "SKIPPED"
+    summary = json.loads((tmp_path / "ws" / "runs" / "run-1" / "summary.json").read_text())
+    assert summary["state"] == "FAILED" and summary["failed_stage"] == "fingerprint"
+    assert summary["text"].startswith("run failed: fingerprint: pipeline parameter pack_params")
+    assert "pack.shard_max_samples" in summary["text"]
 
 
 def test_compile_warns_when_the_image_is_pinned_by_a_tag(tmp_path, capsys):
@@ -479,29 +635,34 @@ def test_compile_warns_when_the_image_is_pinned_by_a_tag(tmp_path, capsys):
         assert env["T2I_IMAGE"] == digest and env["T2I_IMAGE_DIGEST"] == "sha256:" + "ab" * 32
 
 
-def test_the_run_can_create_its_workspace_pvc_once(tmp_path):
-    """pipeline.workspace_create: a cached CreatePVC task named after workspace_pvc runs
-    before the fingerprint; KFP's cache makes later runs reuse the PVC it created."""
+def test_the_run_makes_sure_of_its_workspace_pvc_before_anything_mounts_it(tmp_path):
+    """pipeline.workspace_create: the uncached workspace task creates the PVC when it is
+    missing and reuses one that exists; without it, it checks that the PVC exists. It
+    runs before the exit handler (whose summary mounts the PVC), so a PVC that cannot be
+    made is one failed task, not a summary pod Pending forever."""
     params = load_params(
         REPO / "params.yaml",
         ["pipeline.workspace_create={size: 50Gi, storage_class: premium-rwo}"],
     )
     spec, platform = load(compile_pipeline(params, tmp_path / "p.yaml"))
     tasks = all_tasks(spec)
-    claim = tasks["createpvc"]
-    assert claim["_in"] == "comp-exit-handler-1" and claim["taskInfo"]["name"] == "workspace"
-    assert claim["cachingOptions"] == {"enableCache": True}
+    claim = tasks["workspace-op"]
+    assert claim["_in"] == "root" and claim["taskInfo"]["name"] == "workspace"
+    assert claim["cachingOptions"] == {} and "retryPolicy" not in claim
     inputs = {k: v["runtimeValue"]["constant"] for k, v in claim["inputs"]["parameters"].items()}
-    assert inputs == {
-        "pvc_name": "t2i-workspace",
+    assert inputs["pvc_name"] == "t2i-workspace"
+    assert json.loads(inputs["create"]) == {
         "size": "50Gi",
-        "storage_class_name": "premium-rwo",
-        "access_modes": ["ReadWriteOnce"],
+        "storage_class": "premium-rwo",
+        "access_mode": "ReadWriteOnce",
     }
-    assert tasks["fingerprint-op"]["dependentTasks"] == ["createpvc"]
+    assert tasks["exit-handler-1"]["dependentTasks"] == ["workspace-op"]
     (mount,) = k8s_of(platform)["exec-train-op"]["pvcMount"]
     assert mount["constant"] == "t2i-workspace"
-    assert "createpvc" not in all_tasks(load(COMPILED)[0])  # the default: an existing PVC
+    default = all_tasks(load(COMPILED)[0])["workspace-op"]  # an existing PVC: checked
+    assert default["inputs"]["parameters"]["create"]["runtimeValue"]["constant"] == ""
+    without = load_params(None, ["pipeline.workspace_pvc=null", "publish.registry=s3://m/r"])
+    assert "workspace-op" not in all_tasks(load(compile_pipeline(without, tmp_path / "n.yaml"))[0])
     with pytest.raises(ConfigError, match="storage_class: Field required"):
         load_params(None, ["pipeline.workspace_create={size: 50Gi}"])
     with pytest.raises(ConfigError, match="workspace_create needs workspace_pvc"):

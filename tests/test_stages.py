@@ -34,7 +34,7 @@ def published(run_key: dict) -> Published:
 
 
 def test_decide_trains_only_when_data_or_config_changed():
-    assert decide(KEY, None, "on_change") == (True, "nothing published yet")
+    assert decide(KEY, None, "on_change") == (True, "nothing trained or published yet")
     same = published(KEY)
     assert decide(KEY, same, "on_change") == (
         False,
@@ -50,6 +50,18 @@ def test_decide_trains_only_when_data_or_config_changed():
     assert decide(KEY, config, "on_change")[1].startswith("config changed since v3")
     outside = published({})  # published by `dvc repro`: no run key to compare with
     assert decide(KEY, outside, "on_change")[0] is True
+    # Only publish's settings changed (e.g. publish.from_experiments turned on): a run,
+    # in which every stage before publish comes from KFP's cache.
+    then = published({**KEY, "publish_sha256": "p" * 64})
+    assert decide({**KEY, "publish_sha256": "q" * 64}, then, "on_change")[1].startswith(
+        "publish settings changed since v3"
+    )
+    # What the last run decided (its record) is what a run compares with, not "newest".
+    last = stages.LastRun(KEY, "run-7", None, False)
+    assert decide(KEY, last, "on_change") == (
+        False,
+        "data and config unchanged since the last run (run-7: the gate failed, not published)",
+    )
     with pytest.raises(ConfigError, match="retrain: 'sometimes' is neither"):
         decide(KEY, same, "sometimes")
 
@@ -65,9 +77,12 @@ def test_the_fingerprint_ignores_where_the_data_is_but_not_what_it_is(
         out = tmp_path / "out"
         out.mkdir(exist_ok=True)
         ctx = Context(None, None)
-        stages.fingerprint(
-            ctx, source, "on_change", str(out / "key"), str(out / "reason"), **sections
-        )
+        files = {n: str(out / n) for n in ("key", "reason", "data_key", "train_key")}
+        stages.fingerprint(ctx, source, "on_change", **files, **sections)
+        assert (out / "data_key").read_text() == json.loads((out / "key").read_text())[
+            "data_fingerprint"
+        ]
+        assert (out / "train_key").read_text() == ""  # on_change: train's cache key is stable
         return json.loads((out / "key").read_text())
 
     import shutil
@@ -96,7 +111,7 @@ def test_summary_says_what_ran_what_was_skipped_and_why(tmp_path):
     _note(run, "publish", status="done", summary="v2", published=True, version=2)
     doc = run_summary(run, "SUCCEEDED")
     assert doc["text"] == "run succeeded: published v2" and doc["published_version"] == 2
-    assert doc["stages"]["cache"]["status"] == "not run"  # a KFP cache hit writes no note
+    assert doc["stages"]["cache"]["status"] == "cached"  # a KFP cache hit writes no note
     assert doc["stages"]["pack"]["written"] == 2
 
     unchanged = tmp_path / "runs" / "r2"
@@ -110,8 +125,19 @@ def test_summary_says_what_ran_what_was_skipped_and_why(tmp_path):
     _note(failed, "fingerprint", status="done", summary="nothing published yet", changed=True)
     _note(failed, "train", status="failed", summary="train.lr: bad")
     doc = run_summary(failed, "FAILED", "task train failed\nmore")
-    assert doc["text"] == "run failed (task train failed)"
-    assert doc["stages"]["train"]["status"] == "failed"
+    assert doc["text"] == "run failed: train: train.lr: bad (task train failed)"
+    assert doc["stages"]["train"]["status"] == "failed" and doc["failed_stage"] == "train"
+    # The backend's exit handler gets MLMD states and an empty error: the cause comes
+    # from the notes, and a stage that started but never finished is named.
+    assert run_summary(failed, "FAILED", "")["text"] == "run failed: train: train.lr: bad"
+    lost = tmp_path / "runs" / "r4"
+    _note(lost, "fingerprint", status="done", summary="nothing published yet", changed=True)
+    _note(lost, "train", status="running", summary="train started")
+    doc = run_summary(lost, "FAILED", "")
+    assert doc["text"].startswith("run failed: train: started and did not finish")
+    for word in ("COMPLETE", "CACHED", "SUCCEEDED"):
+        assert run_summary(run, word)["text"] == "run succeeded: published v2", word
+    assert run_summary(run, "CANCELED")["outcome"] == "cancelled"
     # Without a workspace the summary still has the state, and says where to look.
     assert run_summary(None, "SUCCEEDED")["stages"]["pack"]["status"] == "unknown"
 
@@ -209,7 +235,7 @@ def test_a_retried_train_pod_resumes_from_its_checkpoint_on_the_workspace(
         outs = {n: Artifact(tmp_path / f"attempt{attempt}" / n) for n in ("model", "reports")}
         return {
             "workspace": str(tmp_path / "ws"),
-            "run_key": json.dumps(KEY),
+            "train_key": "",
             "train_params": json.dumps(cfg.model_dump()),
             "latents": Artifact(latents),
             "base_model": Artifact(tiny_model),
@@ -227,9 +253,9 @@ def test_a_retried_train_pod_resumes_from_its_checkpoint_on_the_workspace(
     assert retry["train_metrics"].metrics["steps"] == 20
     saved = list((tmp_path / "ws" / "checkpoints").glob("*/*/checkpoint-*"))
     assert {p.name for p in saved} >= {"checkpoint-10", "checkpoint-20"}
-    # A run with other data gets its own checkpoints: nothing to resume from.
+    # A run with retrain: always gets its own checkpoints: nothing to resume from.
     other = pod(3)
-    other["run_key"] = json.dumps({**KEY, "data_fingerprint": "f" * 64})
+    other["train_key"] = "run-3"
     run_stage("train", other)
     assert other["train_metrics"].metrics["resumed_from_step"] == 0
 
@@ -260,3 +286,82 @@ def test_two_runs_take_turns_on_a_workspace_store(tmp_path, capsys, monkeypatch)
     waiter.join(timeout=5)
     assert order == ["first done", "second"]
     assert f"waiting for another run to finish with {store}" in capsys.readouterr().out
+
+
+def test_a_retried_attempt_of_a_deterministic_failure_exits_at_once(tmp_path, monkeypatch, capsys):
+    """KFP retries every non-zero exit; a failure a retry cannot fix (bad config or data)
+    is noted as final, and the retried attempt exits with the same line at once."""
+    monkeypatch.setenv("T2I_RUN_ID", "run-9")
+    calls = []
+
+    def pack(ctx, **kw):
+        calls.append(1)
+        raise ConfigError("pack.shard_max_samples: must be at least 1")
+
+    monkeypatch.setitem(stages._STAGES, "pack", pack)
+    io = {"workspace": str(tmp_path / "ws"), "source": "s", "data_key": "d"}
+    for attempt in (1, 2):
+        with pytest.raises(SystemExit) as exit_:
+            run_stage("pack", dict(io))
+        assert exit_.value.code == 2, attempt
+    assert calls == [1]  # the second attempt never ran the stage
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        err[-1] == "pack: pack.shard_max_samples: must be at least 1 (failed before; not retried)"
+    )
+
+
+def test_the_workspace_pvc_is_made_sure_of_through_the_kubernetes_api(tmp_path, monkeypatch):
+    from components.common.errors import T2IError
+    from pipelines.kube import ensure_pvc
+
+    from .k8s_server import KubeStandIn
+
+    claim = {"size": "50Gi", "storage_class": "fast", "access_mode": "ReadWriteMany"}
+    with KubeStandIn() as k8s:
+        monkeypatch.setenv("KUBECONFIG", str(k8s.kubeconfig(tmp_path / "config")))
+        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+        with pytest.raises(T2IError, match="team/ws does not exist: create it .*workspace_create"):
+            ensure_pvc("ws", None)
+        assert (
+            ensure_pvc("ws", claim) == "workspace PVC team/ws created (50Gi, fast, ReadWriteMany)"
+        )
+        (_, path, _, body) = k8s.calls("POST", "/api/v1/namespaces/team/persistentvolumeclaims")[0]
+        assert body["spec"] == {
+            "accessModes": ["ReadWriteMany"],
+            "resources": {"requests": {"storage": "50Gi"}},
+            "storageClassName": "fast",
+        }
+        # A later run (whatever KFP's cache holds, whatever the pipeline is called) reuses it.
+        assert ensure_pvc("ws", claim) == "workspace PVC team/ws exists (ReadWriteMany)"
+        assert ensure_pvc("ws", None) == "workspace PVC team/ws exists (ReadWriteMany)"
+        assert len(k8s.calls("POST", "/api/v1/")) == 1
+        rwo = {**claim, "access_mode": "ReadWriteOnce"}
+        assert "workspace_create asks for ReadWriteOnce" in ensure_pvc("ws", rwo)
+        k8s.forbidden.add("persistentvolumeclaim")
+        with pytest.raises(T2IError, match="other: cannot create it .HTTP 403: .*forbidden"):
+            ensure_pvc("other", claim)
+
+
+def test_the_registrys_latest_is_what_was_last_published(trained, evaluation, tmp_path):
+    """Publishing the weights of an existing version again makes it the latest (data
+    that went back to what v1 was trained on), without a new number."""
+    from components import publish
+    from components.common.config import PublishConfig
+    from components.publish.registry import latest_version
+
+    cfg = PublishConfig(name="m", registry=str(tmp_path / "registry"))
+    publish.run(cfg, trained[0] / "model", evaluation[0], tmp_path / "out")
+    root = tmp_path / "registry" / "m"
+    assert latest_version(str(root))[0] == 1
+    (root / "2").mkdir()  # a newer version (another model), as a later publish leaves it
+    for f in (root / "1").iterdir():
+        if f.is_file():
+            (root / "2" / f.name).write_bytes(f.read_bytes())
+    receipt = json.loads((root / "2" / "receipt.json").read_text())
+    (root / "2" / "receipt.json").write_text(json.dumps({**receipt, "unet_sha256": "other"}))
+    (root / "latest.json").write_text('{"version": 2}')
+    assert latest_version(str(root))[0] == 2
+    again = publish.run(cfg, trained[0] / "model", evaluation[0], tmp_path / "out")
+    assert again.local.version == 1 and not again.local.new
+    assert latest_version(str(root))[0] == 1

@@ -392,12 +392,29 @@ def _default_resources() -> dict[str, Resources]:
     }
 
 
+RETRIED_BY_DEFAULT = ("cache", "cache_worker", "train", "evaluate")
+
+
 class RetryPolicy(Section):
-    """KFP retries of a failed task: `count` times, waiting backoff_s, x factor each."""
+    """KFP retries of a failed task of `stages`: `count` times, waiting backoff_s, x
+    factor each. Retries are for pods the cluster loses (preempted GPU nodes, evictions):
+    the GPU stages by default. A deterministic failure (bad config or data) is never
+    retried in effect: a retried attempt of a stage that failed that way exits at once
+    with the same line."""
 
     count: int = Field(2, ge=0, le=10)
     backoff_s: int = Field(60, ge=0)
     factor: float = Field(2.0, ge=1.0)
+    stages: list[str] = Field(default_factory=lambda: list(RETRIED_BY_DEFAULT))
+
+    @field_validator("stages")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        known = (*STAGES, "cache_worker", "cache_merge")
+        unknown = [s for s in v if s not in known]
+        if unknown:
+            raise ValueError(f"unknown stage {unknown[0]!r}; stages are {', '.join(known)}")
+        return v
 
 
 class SecretKey(Section):
@@ -454,11 +471,12 @@ class PipelineConfig(Section):
     # (data.source then names a path under it, e.g. /data/shapes).
     data_pvc: str | None = Field(None, pattern=_K8S_NAME)
     data_path: str = Field("/data", pattern=r"^/")
-    # on_change: train only when the data fingerprint or the config differ from the
-    # latest published model's lineage; always: train on every run.
+    # on_change: train only when the data fingerprint or the config differ from what the
+    # last run decided (its record on the workspace; without one, the latest published
+    # version's lineage); always: train on every run, from step 0.
     retrain: Literal["on_change", "always"] = "on_change"
     # Secrets reach pods as environment variables, never as parameters.
-    hf_token_secret: SecretKey | None = None  # -> HF_TOKEN (fingerprint, base_model, pack, publish)
+    hf_token_secret: SecretKey | None = None  # -> HF_TOKEN (every stage that may read the Hub)
     storage_secret: StorageSecret | None = None  # -> e.g. AWS_* (fingerprint, pack, publish)
     notify_secret: SecretKey | None = None  # -> T2I_NOTIFY_URL: the summary is posted there
 

@@ -109,8 +109,7 @@ def run(
         verdict = "passed" if evaluation.passed else "failed"
         receipt.reason = (
             f"experiment {receipt.experiment!r} (gate {verdict}): experiments publish only "
-            "with publish.from_experiments: true; to publish this one, `dvc exp apply` it, "
-            "commit, and run `dvc repro -f -s publish`"
+            f"with publish.from_experiments: true; {_how_to_publish()}"
         )
         write_record(receipt, out / RECEIPT)
         return receipt
@@ -166,6 +165,17 @@ class _Documents:
             lineage=doc,
         )
         return {"README.md": card.encode(), LINEAGE: json_bytes(doc)}
+
+
+def _how_to_publish() -> str:
+    """What publishes an experiment's model, in the context that ran it."""
+    if os.environ.get("DVC_EXP_NAME"):
+        return "to publish this one, `dvc exp apply` it, commit, and run `dvc repro -f -s publish`"
+    return (
+        "to publish it, run the local pipeline again with --set publish.from_experiments=true "
+        "(every stage before publish then comes from the cache), or submit the pipeline to "
+        "the cluster (`t2i pipeline submit`)"
+    )
 
 
 def experiment_name() -> str | None:

@@ -19,6 +19,9 @@ class Published:
     where: str  # "registry <path or URI>" or "hub <repo id>"
     lineage: dict[str, Any]
 
+    def describe(self) -> str:
+        return f"v{self.version} ({self.where})"
+
     @property
     def run_key(self) -> dict[str, Any]:
         """The data fingerprint and config hash the version was trained from ({} when it

@@ -12,6 +12,11 @@ In an object store there is no rename: the version's files are uploaded first an
 `receipt.json` last, so a version without a receipt is incomplete, never read, and
 overwritten by the next publish. Concurrent publishes to one object-store registry are
 not arbitrated (a scheduled pipeline runs one at a time: max concurrency 1).
+
+`<registry>/<name>/latest.json` names the version last published: a new one, or an
+existing one published again (data that went back to what an earlier version was
+trained on publishes that version again, and it becomes the latest). Without the
+file (a registry written before it existed), the highest number is the latest.
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from components.common.errors import ConfigError, T2IError
-from components.common.io import make_shareable
+from components.common.io import json_bytes, make_shareable, write_bytes_atomic
 from components.common.records import LINEAGE, RECEIPT, LocalPublication
+
+LATEST = "latest.json"
 
 _MAX_RACES = 100  # numbers taken by concurrent publishes before giving up
 
@@ -43,6 +50,7 @@ def publish_local(
         versions = _versions(root)
         existing = _version_holding(root, versions, unet_sha256)
         if existing is not None:
+            write_bytes_atomic(root / LATEST, json_bytes({"version": existing}))
             return LocalPublication(version=existing, path=str(root / str(existing)), new=False)
         version = (versions[-1] + 1) if versions else 1
         tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".tmp", dir=root))
@@ -55,6 +63,7 @@ def publish_local(
                 continue  # a concurrent publish took it: look again
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        write_bytes_atomic(root / LATEST, json_bytes({"version": version}))
         return LocalPublication(version=version, path=str(root / str(version)), new=True)
     raise T2IError(f"{root}: could not claim a version number after {_MAX_RACES} tries")
 
@@ -72,6 +81,7 @@ def publish_remote(
     for v in reversed(versions):
         receipt = _read_json(fs, f"{root}/{v}/{RECEIPT}")
         if receipt and receipt.get("unet_sha256") == unet_sha256:
+            _point_latest(fs, root, root_uri, v)
             return LocalPublication(version=v, path=f"{root_uri}/{v}", new=False)
     version = (versions[-1] + 1) if versions else 1
     with tempfile.TemporaryDirectory() as tmp:
@@ -82,14 +92,28 @@ def publish_remote(
                 fs.put_file(str(path), f"{root}/{version}/{path.relative_to(tmp).as_posix()}")
         except Exception as e:
             raise T2IError(f"{root_uri}: upload of version {version} failed: {e}") from e
+    _point_latest(fs, root, root_uri, version)
     return LocalPublication(version=version, path=f"{root_uri}/{version}", new=True)
 
 
+def _point_latest(fs, root: str, root_uri: str, version: int) -> None:
+    try:
+        with fs.open(f"{root}/{LATEST}", "wb") as f:
+            f.write(json_bytes({"version": version}))
+    except Exception as e:
+        raise T2IError(f"{root_uri}: cannot write {LATEST}: {e}") from e
+
+
 def latest_version(root_uri: str) -> tuple[int, dict] | None:
-    """(version, lineage) of the newest complete version under `<registry>/<name>`
-    (a folder or a URI), or None when nothing was published there yet."""
+    """(version, lineage) of the latest version under `<registry>/<name>` (a folder or a
+    URI): the one `latest.json` names, else the highest complete one; None when nothing
+    was published there yet."""
     fs, root = _open(root_uri)
-    for v in reversed(_complete_versions(fs, root)):
+    versions = _complete_versions(fs, root)
+    pointer = (_read_json(fs, f"{root}/{LATEST}") or {}).get("version")
+    if pointer in versions:
+        versions = [*[v for v in versions if v != pointer], pointer]
+    for v in reversed(versions):
         lineage = _read_json(fs, f"{root}/{v}/{LINEAGE}")
         if lineage is not None:
             return v, lineage
