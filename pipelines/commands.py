@@ -5,14 +5,14 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 from components.common.config import Params
-from components.common.errors import ConfigError, T2IError
+from components.common.errors import ConfigError, T2IError, first_line
 from components.common.io import atomic_path
 from components.publish.registry import is_uri
 from pipelines.finetune import build_pipeline
@@ -42,14 +42,17 @@ def compile_target(args) -> Path:
     return COMMITTED if default_params and not args.overrides else LOCAL
 
 
-def run_local(params: Params, root: Path) -> dict:
-    """Run the whole DAG here with kfp.local's SubprocessRunner; return its outputs.
+def run_local(params: Params, root: Path, log=print, caching: bool = True) -> dict:
+    """Run the whole DAG here, as a KFP backend would (`pipelines/backend.py`: its
+    execution cache, status words and retries); return the run's summary and tasks.
 
-    `root/workspace` plays the PVC: it persists between runs under the same root, so a
-    second run with unchanged data and config trains nothing, as on a cluster."""
-    from kfp import local
-
+    `root/workspace` plays the PVC and `root/backend.json` the backend's metadata: both
+    persist between runs under the same root, so a second run with unchanged data and
+    config trains nothing, and a run that changed one stage's config re-runs only that
+    stage and those after it, as on a cluster. `log` gets one line per task; each
+    task's full log is a file under the run's folder."""
     from components.common.remote import is_remote
+    from pipelines.backend import LocalBackend
 
     source = params.data.source
     if not params.data.dataset_name and not is_remote(source):
@@ -62,52 +65,119 @@ def run_local(params: Params, root: Path) -> dict:
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     # Retries are for pods a cluster loses; here a failure is a bug or bad input: at once.
-    # kfp.local cannot create a PVC: the local workspace is a folder.
     no_retries = params.pipeline.retries.model_copy(update={"count": 0})
     local_pipeline = {"retries": no_retries, "workspace_create": None}
     params = params.model_copy(
         update={"pipeline": params.pipeline.model_copy(update=local_pipeline)}
     )
-    local.init(
-        runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True
-    )
     publish = params.publish
     if not is_uri(publish.registry):
         publish = publish.model_copy(update={"registry": str(Path(publish.registry).resolve())})
-    warnings.filterwarnings("ignore", message=".*non-Python base image.*")  # it is our image
-    warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
+    package = root / "pipeline.yaml"
+    from kfp import compiler
+
+    with atomic_path(package, ".yaml") as tmp:
+        compiler.Compiler().compile(build_pipeline(params, in_cluster=False), str(tmp))
     run_id = f"local-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{next(_RUNS)}"
     # A local run is an experiment: publish skips it unless publish.from_experiments.
-    # The run id names the run's notes in the workspace (a pod reads its label).
-    # (kfp.local's subprocesses inherit this environment.)
-    env = {"T2I_EXPERIMENT": f"run-local {root.name}", "T2I_RUN_ID": run_id}
-    previous = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        task = build_pipeline(params)(
-            source=source,
-            workspace=str(root / "workspace"),
-            publish_params=json.dumps(publish.model_dump()),
-        )
-    except RuntimeError as e:
-        raise T2IError(f"local pipeline run failed: {e}") from None
-    finally:
-        for k, v in previous.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    env = {**os.environ, "T2I_EXPERIMENT": f"run-local {root.name}"}
+    backend = LocalBackend(root, caching=caching, on_task=_task_line(log), env=env)
+    result = backend.run(
+        package,
+        {
+            "source": source,
+            "workspace": str(root / "workspace"),
+            "publish_params": json.dumps(publish.model_dump(), sort_keys=True),
+        },
+        run_id,
+    )
     summary = root / "workspace" / "runs" / run_id / "summary.json"
     return {
         "root": str(root),
         "run_id": run_id,
+        "state": result.state,
         "summary": json.loads(summary.read_text()) if summary.is_file() else None,
-        "outputs": sorted(getattr(task, "outputs", {}) or {}),
+        "tasks": result.tasks,
+        "log": str(root / run_id),
     }
 
 
+def _task_line(log):
+    """One line per task: its name, what became of it, its time and its own line."""
+
+    def line(task) -> None:
+        said = _stage_line(task) if task.log else ""
+        took = f"{task.seconds:5.1f}s" if task.seconds else "     "
+        retried = f" (attempt {task.attempts})" if task.attempts > 1 else ""
+        log(f"  {task.display_name:<13} {task.state.lower():<9}{took}{retried}  {said}".rstrip())
+        if task.state == "FAILED" and task.log:
+            tail = [x for x in task.log.read_text().splitlines() if x.strip()][-6:]
+            log("    " + "\n    ".join(tail))
+            log(f"    full log: {task.log}")
+
+    return line
+
+
+def _stage_line(task) -> str:
+    """The stage's own last line (`<stage>: ...`) from a task's log."""
+    lines = task.log.read_text().splitlines()
+    stage = task.display_name.replace("-", "_")
+    for text in reversed(lines):
+        if text.startswith(f"{stage}: "):
+            return text[len(stage) + 2 :]
+    return ""
+
+
+# The oldest KFP backend this DAG runs on: the exit handler's PipelineTaskFinalStatus
+# and dsl.Collected artifact lists need 2.14 (task retries need 2.5).
+MIN_BACKEND = (2, 14, 0)
+
+
+def backend_version(client) -> str | None:
+    """The KFP backend's release (e.g. "2.15.0"), from the v1beta1 healthz's `tag_name`
+    (the v2beta1 healthz carries no version); None when the server reports none."""
+    api = client._healthz_api.api_client  # the client's own session, auth included
+    try:
+        data = api.call_api(
+            "/apis/v1beta1/healthz",
+            "GET",
+            response_type="object",
+            auth_settings=["Bearer"],
+            _return_http_data_only=True,
+            _request_timeout=30,
+        )
+    except Exception as e:  # unreachable, 404 on an older or proxied API, no auth
+        raise T2IError(
+            f"cannot read the KFP backend's version ({first_line(e, 160)}); is pipeline.host "
+            "the KFP API endpoint?"
+        ) from e
+    tag = (data or {}).get("tag_name") if isinstance(data, dict) else None
+    return tag if tag and tag != "unknown" else None
+
+
+def check_backend(client, host: str) -> str | None:
+    """ConfigError when the backend at `host` is older than MIN_BACKEND; a warning
+    (returned) when it does not say its version."""
+    tag = backend_version(client)
+    minimum = ".".join(map(str, MIN_BACKEND))
+    if tag is None:
+        return (
+            f"warning: the KFP backend at {host} does not report its version; this pipeline "
+            f"needs {minimum} or newer (PipelineTaskFinalStatus, dsl.Collected)"
+        )
+    numbers = tuple(int(n) for n in re.findall(r"\d+", tag)[:3])
+    if numbers and numbers < MIN_BACKEND:
+        raise ConfigError(
+            f"the KFP backend at {host} is {tag}; this pipeline needs {minimum} or newer (its "
+            "exit handler's PipelineTaskFinalStatus and dsl.Collected): upgrade Kubeflow "
+            "Pipelines"
+        )
+    return None
+
+
 def submit(params: Params, run_name: str | None = None) -> str:
-    """Compile and submit one run to the KFP API at `pipeline.host`; return the run id."""
+    """Compile and submit one run to the KFP API at `pipeline.host`; return the run id.
+    Refused (before anything is created) on a backend older than MIN_BACKEND."""
     client = _client(params)
     with tempfile.TemporaryDirectory() as d:
         package = compile_pipeline(params, Path(d) / "finetune.yaml")
@@ -121,7 +191,8 @@ def submit(params: Params, run_name: str | None = None) -> str:
 
 
 def schedule(params: Params) -> str:
-    """Create a recurring run (cron `pipeline.schedule_cron`); return its id."""
+    """Create a recurring run (cron `pipeline.schedule_cron`); return its id. Refused
+    (before anything is created) on a backend older than MIN_BACKEND."""
     client = _client(params)
     experiment = client.create_experiment(params.pipeline.experiment)
     with tempfile.TemporaryDirectory() as d:
@@ -138,11 +209,16 @@ def schedule(params: Params) -> str:
 
 
 def _client(params: Params):
+    """A KFP client for `pipeline.host`, once the backend's version is checked."""
     if not params.pipeline.host:
         raise ConfigError("pipeline.host is not set: the KFP API endpoint to submit to")
     import kfp
 
-    return kfp.Client(host=params.pipeline.host)
+    client = kfp.Client(host=params.pipeline.host)
+    warning = check_backend(client, params.pipeline.host)
+    if warning:
+        print(warning, file=sys.stderr)
+    return client
 
 
 def image_warning(image: str) -> str | None:
@@ -178,9 +254,13 @@ def dispatch(params: Params, args) -> str:
         note = "" if target != LOCAL else f" (local values; {COMMITTED} is left as it is)"
         return f"compiled pipeline -> {compile_pipeline(params, target)}{note}"
     if args.action == "run-local":
+        print(f"local pipeline run under {args.root} (backend semantics: cached tasks reused)")
         result = run_local(params, args.root)
-        said = (result["summary"] or {}).get("text", "finished")
-        return f"local pipeline {said}; artifacts under {result['root']}"
+        said = (result["summary"] or {}).get("text", result["state"].lower())
+        where = f"task logs under {result['log']}"
+        if result["state"] != "COMPLETE":
+            raise T2IError(f"local pipeline {said}; {where}")
+        return f"local pipeline {said}; {where}"
     if args.action == "submit":
         return f"submitted run {submit(params)} to {params.pipeline.host}"
     return f"scheduled recurring run {schedule(params)} ({params.pipeline.schedule_cron})"
