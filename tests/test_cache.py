@@ -69,7 +69,10 @@ def _recipe_loss(vae, text_encoder, unet, scheduler, pixels, ids, eps, noise, ti
     noisy = scheduler.add_noise(latents, noise, timesteps)
     hidden = text_encoder(ids, return_dict=False)[0]
     pred = unet(noisy, timesteps, hidden, return_dict=False)[0]
-    return F.mse_loss(pred.float(), noise.float())
+    target = noise  # the recipe's target of the scheduler's kind (the tiny model's: v)
+    if scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    return F.mse_loss(pred.float(), target.float())
 
 
 def _first_sample(shards, latents):

@@ -1,59 +1,58 @@
-"""The default run (params.yaml as shipped, on data/sample) visibly learns: the tuned
-model's samples are pictures, not noise, and they follow the prompt.
+"""The default run (params.yaml as shipped, on data/sample) visibly learns the prompt,
+judged as a user would judge it: with plain diffusers on the trained model, fixed
+seeds, the default prompts and the default sampling settings.
 
-Fixed seeds on the default prompts. Total variation (mean absolute difference of
-neighbouring pixels) measures noise: the tuned samples' must be well below the base
-model's. Prompt-following: with the same seed, different prompts must give pictures
-that differ at least half as much as different seeds of one prompt do (a model that
-ignores the prompt gives the same picture for every prompt: a ratio near 0).
+- Colours: the border's mean colour is nearest (of the demo's eight colours) to the
+  prompt's background colour in at least 10 of 16 samples, and the shape's (the pixels
+  far from the background) to the prompt's shape colour in at least half. Chance is
+  about 2 of 16.
+- And it is the training that did it: the base model's samples of the same prompts and
+  seeds hardly ever match (its UNet is random).
 """
-
-import itertools
 
 import numpy as np
 import pytest
 
 from components import base_model, cache_latents, pack_shards, train_unet
 from components.common.config import load_params
+from components.common.shapes import COLOURS
 from components.evaluate.sampling import generate, use_scheduler
 
 from .conftest import REPO
 
-SEEDS = (0, 1, 2)
+SEEDS = (0, 1, 2, 3)
+NAMES = list(COLOURS)
+RGB = np.array([COLOURS[n] for n in NAMES], dtype=np.float32)
 
 
-def total_variation(image: np.ndarray) -> float:
-    return float(np.abs(np.diff(image, axis=0)).mean() + np.abs(np.diff(image, axis=1)).mean())
+def nearest(rgb) -> str:
+    return NAMES[int(np.argmin(((RGB - rgb) ** 2).sum(axis=1)))]
 
 
-def pictures(model, params, resolution):
+def colours(image: np.ndarray) -> tuple[str, str | None]:
+    """(background, shape) colour names of a sample: the 2-pixel border's mean, and the
+    mean of the pixels far (> 80 in RGB) from it (None when there are hardly any)."""
+    border = np.concatenate(
+        [image[:2].reshape(-1, 3), image[-2:].reshape(-1, 3)]
+        + [image[:, :2].reshape(-1, 3), image[:, -2:].reshape(-1, 3)]
+    )
+    background = border.mean(axis=0)
+    far = image[np.sqrt(((image - background) ** 2).sum(axis=-1)) > 80]
+    return nearest(background), (nearest(far.mean(axis=0)) if len(far) > 8 else None)
+
+
+def samples(model, params) -> dict:
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(model)
     use_scheduler(pipe, params.evaluate.scheduler)
-    jobs = [(p, s) for s in SEEDS for p in params.evaluate.prompts]
-    images = generate(pipe, jobs, params.evaluate, resolution)
-    return {
-        job: np.asarray(im, dtype=np.float32) / 255 for job, im in zip(jobs, images, strict=True)
-    }
-
-
-def prompt_vs_seed(images: dict, prompts: list[str]) -> float:
-    by_prompt = [
-        np.abs(images[(a, s)] - images[(b, s)]).mean()
-        for s in SEEDS
-        for a, b in itertools.combinations(prompts, 2)
-    ]
-    by_seed = [
-        np.abs(images[(p, a)] - images[(p, b)]).mean()
-        for p in prompts
-        for a, b in itertools.combinations(SEEDS, 2)
-    ]
-    return float(np.mean(by_prompt) / np.mean(by_seed))
+    jobs = [(p, s) for p in params.evaluate.prompts for s in SEEDS]
+    images = generate(pipe, jobs, params.evaluate, params.cache.resolution)
+    return {job: np.asarray(im, dtype=np.float32) for job, im in zip(jobs, images, strict=True)}
 
 
 @pytest.mark.slow
-def test_default_run_makes_pictures_that_follow_the_prompt(tmp_path):
+def test_default_run_draws_the_colours_the_prompt_names(tmp_path):
     params = load_params(REPO / "params.yaml")
     base = tmp_path / "base-model"
     base_model.run(params.model, base)
@@ -63,18 +62,21 @@ def test_default_run_makes_pictures_that_follow_the_prompt(tmp_path):
     train_unet.run(
         train, tmp_path / "latents", base, tmp_path / "model", tmp_path / "r", tmp_path / "c"
     )
-    resolution = params.cache.resolution
-    prompts = params.evaluate.prompts
-    before = pictures(base, params, resolution)
-    after = pictures(tmp_path / "model", params, resolution)
+    before, after = samples(base, params), samples(tmp_path / "model", params)
 
-    tv_before = np.mean([total_variation(i) for i in before.values()])
-    tv_after = np.mean([total_variation(i) for i in after.values()])
-    ratio_before, ratio_after = prompt_vs_seed(before, prompts), prompt_vs_seed(after, prompts)
+    def matches(images: dict) -> tuple[int, int]:
+        backgrounds = shapes = 0
+        for (prompt, _), image in images.items():
+            words = prompt.split()  # "a red circle on a blue background"
+            bg, shape = colours(image)
+            backgrounds += bg == words[-2]
+            shapes += shape == words[1]
+        return backgrounds, shapes
+
+    (bg_before, shape_before), (bg_after, shape_after) = matches(before), matches(after)
     print(
-        f"total variation base {tv_before:.3f} tuned {tv_after:.3f}; "
-        f"prompt/seed difference base {ratio_before:.2f} tuned {ratio_after:.2f}"
+        f"tuned: backgrounds {bg_after}/16, shapes {shape_after}/16; base: backgrounds "
+        f"{bg_before}/16, shapes {shape_before}/16"
     )
-    assert tv_after < 0.6 * tv_before  # pictures, not noise
-    assert ratio_after >= 0.5  # the prompt matters
-    assert ratio_before < 0.2  # and it did not before training
+    assert bg_after >= 10 and shape_after >= 8
+    assert bg_before <= 4 and shape_before <= 4

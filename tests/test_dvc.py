@@ -22,7 +22,7 @@ from make_sample import make_sample
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = {
-    "model": {"tiny_vae_steps": 8},
+    "model": {"tiny_vae_steps": 8, "tiny_prediction_type": "epsilon"},
     "pack": {"val_fraction": 0.2, "shard_max_samples": 16},
     "train": {"max_train_steps": 4, "train_batch_size": 4, "checkpointing_steps": 2},
     "evaluate": {"prompts": ["a red circle"], "num_inference_steps": 1, "heldout_captions": 4},

@@ -454,6 +454,7 @@ def test_the_held_out_loss_compares_like_with_like_for_a_v_prediction_fine_tune(
     from components.common.records import load_latent_split, read_latent_manifest
 
     base = StableDiffusionPipeline.from_pretrained(tiny_model)
+    base.scheduler.register_to_config(prediction_type="epsilon")  # (the tiny model is v)
     v_config = {**base.scheduler.config, "prediction_type": "v_prediction"}
     target = DDPMScheduler.from_config(v_config)
     val = load_latent_split(latents, "val")

@@ -47,7 +47,7 @@ def test_components_are_thin_and_run_the_project_image():
     spec, _ = load(COMPILED)
     params = load_params(REPO / "params.yaml")
     executors = spec["deploymentSpec"]["executors"]
-    assert len(executors) == 9
+    assert len(executors) == 10
     for executor in executors.values():
         container = executor["container"]
         assert container["image"] == params.pipeline.image
@@ -66,17 +66,18 @@ def test_components_are_thin_and_run_the_project_image():
         "base-model-op",
         "pack-op",
         "cache-op",
+        "check-op",
         "train-op",
         "evaluate-op",
         "condition-3",
         "publish-op",
     }
-    assert tasks["train-op"]["dependentTasks"] == ["base-model-op", "cache-op"]
+    assert tasks["train-op"]["dependentTasks"] == ["base-model-op", "cache-op", "check-op"]
 
 
 # What the backend must never serve from its cache: their job is an effect outside KFP.
 SIDE_EFFECTS = ("workspace-op", "fingerprint-op", "publish-op", "summary-op")
-PURE = ("base-model-op", "pack-op", "cache-op", "train-op", "evaluate-op")
+PURE = ("base-model-op", "pack-op", "cache-op", "check-op", "train-op", "evaluate-op")
 
 
 def test_side_effect_tasks_are_never_cached_and_pure_ones_are():
@@ -104,8 +105,13 @@ def test_each_tasks_cache_key_is_what_it_reads():
         "componentInputParameter": "pipelinechannel--fingerprint-op-data_key"
     }
     assert inputs("base-model-op") == {"model_params"}
-    assert inputs("cache-op") == {"workspace", "cache_params", "shards", "base_model"}
-    assert inputs("train-op") == {"workspace", "train_key", "train_params", "latents", "base_model"}
+    assert inputs("cache-op") == {"workspace", "processes", "cache_params", "shards", "base_model"}
+    assert inputs("check-op") == {
+        "workspace", "processes", "train_params", "evaluate_params", "latents", "base_model"
+    }  # fmt: skip
+    assert inputs("train-op") == {
+        "workspace", "train_key", "launch", "train_params", "latents", "base_model"
+    }  # fmt: skip
     assert inputs("evaluate-op") == {
         "workspace", "evaluate_params", "model", "base_model", "latents", "shards"
     }  # fmt: skip
@@ -171,7 +177,7 @@ def test_cache_workers_compile_to_a_parallel_for_and_a_merge(tmp_path):
     assert "cache-merge-op" in tasks and "cache-op" not in tasks
     loop = next(t for name, t in tasks.items() if name.startswith("for-loop"))
     assert loop["parameterIterator"]["items"]["raw"] == "[0, 1, 2, 3]"
-    assert tasks["train-op"]["dependentTasks"] == ["base-model-op", "cache-merge-op"]
+    assert tasks["train-op"]["dependentTasks"] == ["base-model-op", "cache-merge-op", "check-op"]
     defaults = spec["root"]["inputDefinitions"]["parameters"]
     assert json.loads(defaults["train_params"]["defaultValue"]) == params.train.model_dump()
     worker = spec["deploymentSpec"]["executors"]["exec-cache-worker-op"]["container"]
@@ -215,7 +221,7 @@ def test_stage_resources_gpus_node_selectors_tolerations_shm_and_retries(tmp_pat
         (shm,) = k8s[f"exec-{stage}-op"]["emptyDirMounts"]
         assert shm["mountPath"] == "/dev/shm" and shm["medium"] == "Memory"
     ops = {n: t for n, t in all_tasks(spec).items() if n.endswith("-op")}
-    assert len(ops) == 9
+    assert len(ops) == 10
     # Retries are for pods a cluster loses: the GPU stages; a failure elsewhere (bad
     # config or data) must not be retried with back-off.
     retried = {n for n, t in ops.items() if "retryPolicy" in t}
@@ -339,6 +345,7 @@ def test_compile_with_overrides_leaves_the_committed_yaml_alone(tmp_path, monkey
 # A local DAG run in seconds: a few VAE and train steps, one sampling step, small shards.
 SMALL_RUN = [
     "model.tiny_vae_steps=8",
+    "model.tiny_prediction_type=epsilon",
     "train.max_train_steps=4",
     "train.train_batch_size=4",
     "evaluate.num_inference_steps=1",
@@ -670,3 +677,20 @@ def test_the_run_makes_sure_of_its_workspace_pvc_before_anything_mounts_it(tmp_p
             None,
             ["pipeline.workspace_create={storage_class: fast}", "pipeline.workspace_pvc=null"],
         )
+
+
+def test_run_local_prints_one_line_per_task_and_a_failures_last_lines(tmp_path):
+    from pipelines.backend import TaskResult
+
+    lines = []
+    show = commands._task_line(lines.append)
+    log = tmp_path / "log.txt"
+    log.write_text("Loading...\ntrain: trained 4 steps: loss 1.0 -> 0.9\nWrote executor output\n")
+    show(TaskResult("train-op", "COMPLETE", seconds=3.2, log=log, display_name="train"))
+    assert lines == ["  train         complete   3.2s  trained 4 steps: loss 1.0 -> 0.9"]
+    lines.clear()
+    log.write_text("a\\nb\npack: data.source 'x': no such folder\n")
+    show(TaskResult("pack-op", "FAILED", seconds=1.0, attempts=1, log=log, display_name="pack"))
+    assert lines[0].startswith("  pack          failed") and "no such folder" in lines[0]
+    assert "pack: data.source 'x': no such folder" in lines[1]  # the log's last lines
+    assert lines[-1] == f"    full log: {log}"

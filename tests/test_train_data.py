@@ -114,6 +114,7 @@ def test_snr_weights_match_the_recipe(tiny_model):
     from diffusers import DDPMScheduler
 
     sched = DDPMScheduler.from_pretrained(tiny_model, subfolder="scheduler")
+    sched.register_to_config(prediction_type="epsilon")
     t = torch.tensor([1, 100, 500, 999])
     alphas = sched.alphas_cumprod[t]
     snr = alphas / (1 - alphas)

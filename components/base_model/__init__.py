@@ -43,9 +43,9 @@ def run(cfg: ModelConfig, out: Path) -> BaseModelReport:
         if cfg.source == "tiny":
             from components.base_model.tiny import build_tiny_pipeline
 
-            build_tiny_pipeline(cfg.seed, cfg.tiny_vae_steps).save_pretrained(
-                tmp, safe_serialization=True
-            )
+            build_tiny_pipeline(
+                cfg.seed, cfg.tiny_vae_steps, cfg.tiny_prediction_type
+            ).save_pretrained(tmp, safe_serialization=True)
         elif Path(cfg.source).exists():
             shutil.copytree(check_model_dir(Path(cfg.source)), tmp, dirs_exist_ok=True)
         else:

@@ -41,6 +41,10 @@ class ModelConfig(Section):
     # tiny only: steps the VAE is pretrained on pictures of coloured shapes (0: random
     # VAE, whose samples are noise). About a minute on 2 CPU cores at 400.
     tiny_vae_steps: int = Field(400, ge=0)
+    # tiny only: the objective its scheduler names. v_prediction: the demo learns the
+    # prompt's colours within its minutes (on epsilon it learnt the shapes, not them);
+    # epsilon: SD 1.x's.
+    tiny_prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
 
 
 class PackConfig(Section):
@@ -58,10 +62,31 @@ class PackConfig(Section):
     max_aspect_ratio: float = Field(4.0, ge=1.0)
     # Larger images are rejected as decompression bombs (Pillow's default limit).
     max_image_pixels: int = Field(89_478_485, ge=1)
+    # Transparency is flattened onto this colour (a name: white, black, gray, ...; or
+    # #RRGGBB); `reject` rejects images that have transparency (reason: transparent).
+    alpha_background: str = "white"
+    # An image this close to one colour after conversion (the largest per-channel
+    # standard deviation of its 0-255 values) is rejected as `blank`; 0 keeps them all.
+    blank_threshold: float = Field(2.0, ge=0)
     empty_caption: Literal["reject", "keep", "filename"] = "reject"
     max_reject_fraction: float = Field(0.5, ge=0.0, le=1.0)
     # Worker processes; 0 = one per CPU core. Not part of the output's identity.
     num_workers: int = Field(0, ge=0)
+
+    @field_validator("alpha_background")
+    @classmethod
+    def _colour(cls, v: str) -> str:
+        if v == "reject":
+            return v
+        from PIL import ImageColor
+
+        try:
+            ImageColor.getrgb(v)
+        except ValueError:
+            raise ValueError(
+                f"must be a colour (white, black, gray, #RRGGBB) or reject, got {v!r}"
+            ) from None
+        return v
 
 
 class CacheConfig(Section):
@@ -85,16 +110,9 @@ class CacheConfig(Section):
     # height: multiples of bucket_step, area close to resolution², aspect within
     # pack.max_aspect_ratio) nearest its aspect ratio, instead of a square.
     buckets: bool = False
-    bucket_step: int = Field(64, ge=8)
-
-    @model_validator(mode="after")
-    def _bucket_step(self) -> CacheConfig:
-        if self.buckets and (self.bucket_step % 8 or self.bucket_step > self.resolution):
-            raise ValueError(
-                f"bucket_step must be a multiple of 8 and at most resolution "
-                f"({self.resolution}), got {self.bucket_step}"
-            )
-        return self
+    # null: the model's own (its VAE's downscaling times its UNet's: 64 for SD, 8 for
+    # the tiny demo); a value is checked against the model when the cache runs.
+    bucket_step: int | None = Field(None, ge=8)
 
     @field_validator("resolution")
     @classmethod
@@ -363,6 +381,9 @@ class Resources(Section):
     tolerations: list[Toleration] = Field(default_factory=list)
     # An in-memory /dev/shm for data-loading workers (null: the runtime's default).
     shm_size: str | None = Field(None, pattern=_QUANTITY)
+    # train only: nodes > 1 trains on that many nodes through Kubeflow Trainer (a
+    # TrainJob; `gpus` is then per node), the KFP task launching and following it.
+    nodes: int = Field(1, ge=1, le=1024)
 
 
 _K8S_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"  # a Kubernetes object name
@@ -445,6 +466,22 @@ class WorkspaceClaim(Section):
     access_mode: Literal["ReadWriteOnce", "ReadWriteMany"] = "ReadWriteOnce"
 
 
+class TrainerConfig(Section):
+    """Kubeflow Trainer v2.3 (`trainer.kubeflow.org/v1alpha1` TrainJob), for training
+    on `pipeline.resources.train.nodes` > 1 nodes (and `t2i pipeline trainjob`)."""
+
+    # The ClusterTrainingRuntime the TrainJob refers to: ours
+    # (pipelines/k8s/trainer-runtime.yaml: a lost node restarts the job, which resumes
+    # from the shared checkpoint) or any torch runtime, e.g. torch-distributed.
+    runtime: str = Field("t2i-torch-distributed", pattern=_K8S_NAME)
+    # A Kueue LocalQueue: the job waits in it (suspended) until admitted.
+    queue: str | None = Field(None, pattern=_K8S_NAME)
+    # Whole-job restarts after a node fails (the runtime's JobSet failurePolicy).
+    max_restarts: int = Field(3, ge=0, le=100)
+    # The job's deadline, in seconds (null: none; a fine-tune can take days).
+    active_deadline_seconds: int | None = Field(None, ge=1)
+
+
 class PipelineConfig(Section):
     name: str = "t2i-finetune"
     # The project image every KFP component runs; pin a tag or digest, never :latest.
@@ -479,6 +516,7 @@ class PipelineConfig(Section):
     hf_token_secret: SecretKey | None = None  # -> HF_TOKEN (every stage that may read the Hub)
     storage_secret: StorageSecret | None = None  # -> e.g. AWS_* (fingerprint, pack, publish)
     notify_secret: SecretKey | None = None  # -> T2I_NOTIFY_URL: the summary is posted there
+    trainer: TrainerConfig = TrainerConfig()
 
     @field_validator("resources", mode="before")
     @classmethod
@@ -499,6 +537,21 @@ class PipelineConfig(Section):
     def _create_needs_a_name(self) -> PipelineConfig:
         if self.workspace_create is not None and not self.workspace_pvc:
             raise ValueError("workspace_create needs workspace_pvc: the name of the PVC to create")
+        many = [s for s, r in self.resources.items() if r.nodes > 1]
+        if [s for s in many if s != "train"]:
+            raise ValueError(f"resources.{many[0]}.nodes: only train runs on several nodes")
+        if many:
+            if not self.workspace_pvc:
+                raise ValueError(
+                    "resources.train.nodes > 1 needs pipeline.workspace_pvc: the nodes share "
+                    "the latents, the base model and the checkpoints on it"
+                )
+            claim = self.workspace_create
+            if claim is not None and claim.access_mode != "ReadWriteMany":
+                raise ValueError(
+                    "resources.train.nodes > 1 needs a ReadWriteMany workspace (every node "
+                    "mounts it): set workspace_create.access_mode: ReadWriteMany"
+                )
         return self
 
     @field_validator("image")
