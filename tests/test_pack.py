@@ -174,7 +174,41 @@ def test_zoo_rejects_each_bad_sample_with_its_reason(zoo):
     assert set(records(out)) == expect_kept
     assert report.kept == len(expect_kept)
     assert report.rejected["undecodable"] == 4 and report.rejected["duplicate"] == 1
-    assert "rejected 13" in report.summary()
+    assert report.rejected["blank"] == 2
+    assert "rejected 15" in report.summary()
+    # Why the logo is gone: flattened onto white, nothing is left of it.
+    assert "onto white (pack.alpha_background)" in got["white-logo.png"]
+
+
+def test_transparency_is_flattened_onto_the_chosen_background_or_refused(zoo, tmp_path):
+    from components.pack_shards.decode import pack_sample
+    from components.pack_shards.sources import Sample
+
+    from .zoo import make_zoo
+
+    folder = tmp_path / "src"
+    make_zoo(folder, tmp_path / "outside")
+
+    class Blob:
+        def __init__(self, path):
+            self.path = path
+
+        def read(self):
+            return self.path.read_bytes()
+
+    def pack(name, **cfg):
+        sample = Sample(key=name, source=name, blob=Blob(folder / name), caption="a logo")
+        return pack_sample(sample, PackConfig(**cfg))
+
+    on_black = pack("white-logo.png", alpha_background="black")
+    px = np.asarray(image_of(on_black.record))
+    assert tuple(px[0, 0]) == (0, 0, 0) and tuple(px[20, 20]) == (255, 255, 255)
+    assert pack("white-logo.png", alpha_background="#102030").record  # any colour
+    assert pack("rgba.png", alpha_background="reject").startswith("transparent")
+    assert not isinstance(pack("good.jpg", alpha_background="reject"), str)  # opaque: kept
+    assert pack("gray.png", blank_threshold=0).record  # 0: blank pictures are kept
+    with pytest.raises(ValueError, match="must be a colour .* or reject, got 'blu'"):
+        PackConfig(alpha_background="blu")
 
 
 def test_zoo_keepers_are_converted_to_rgb_correctly(zoo):
@@ -185,7 +219,8 @@ def test_zoo_keepers_are_converted_to_rgb_correctly(zoo):
     assert meta["cmyk.jpg"]["mode"] == "CMYK" and px["cmyk.jpg"][20, 20, 0] > 200
     assert meta["gray16.png"]["mode"].startswith("I")
     assert abs(int(px["gray16.png"][5, 5, 0]) - 128) <= 1  # 32768/65535, not clipped white
-    assert meta["rgba.png"]["mode"] == "RGBA" and px["rgba.png"].min() == 255  # on white
+    assert meta["rgba.png"]["mode"] == "RGBA" and (px["rgba.png"][5, 5] == 255).all()  # white
+    assert tuple(px["rgba.png"][5, 30]) == (0, 0, 255)  # the opaque half as it was
     assert (px["transparent.gif"][5, 5] == 255).all()  # transparent half: white
     assert tuple(px["transparent.gif"][5, 30]) == (255, 0, 0)
     assert meta["animated.gif"]["frames"] == 2 and px["animated.gif"][5, 5, 1] == 200

@@ -80,19 +80,32 @@ def make_zoo(folder: Path, outside: Path) -> tuple[dict[str, str], set[str]]:
     add("one.png", why="too_small")
     Image.new("RGB", (20000, 10), "blue").save(folder / "strip.png")
     add("strip.png", why="aspect_ratio")
-    Image.new("CMYK", (40, 40), (0, 255, 255, 0)).save(folder / "cmyk.jpg", quality=95)
+    # (Keepers have a second colour somewhere: a picture of one colour is `blank`.)
+    cmyk = Image.new("CMYK", (40, 40), (0, 255, 255, 0))
+    cmyk.paste((0, 0, 0, 255), (0, 0, 10, 10))
+    cmyk.save(folder / "cmyk.jpg", quality=95)
     add("cmyk.jpg")
     sixteen = np.full((40, 40), 32768, dtype=np.uint16)
+    sixteen[30:, 30:] = 0
     Image.fromarray(sixteen).save(folder / "gray16.png")
     add("gray16.png")
-    Image.new("RGBA", (40, 40), (255, 0, 0, 0)).save(folder / "rgba.png")
+    rgba = Image.new("RGBA", (40, 40), (255, 0, 0, 0))  # transparent...
+    rgba.paste((0, 0, 255, 255), (20, 0, 40, 40))  # ...left half, opaque blue right half
+    rgba.save(folder / "rgba.png")
     add("rgba.png")
+    logo = Image.new("RGBA", (40, 40), (0, 0, 0, 0))  # a white logo on transparency:
+    logo.paste((255, 255, 255, 255), (10, 10, 30, 30))  # on white, nothing is left
+    logo.save(folder / "white-logo.png")
+    add("white-logo.png", why="blank")
+    Image.new("RGB", (40, 40), (90, 90, 90)).save(folder / "gray.png")
+    add("gray.png", why="blank")
     pal = Image.new("P", (40, 40), 0)
     pal.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
     pal.paste(1, (20, 0, 40, 40))
     pal.save(folder / "transparent.gif", transparency=0)
     add("transparent.gif")
     frames = [Image.new("RGB", (40, 40), c) for c in ((0, 200, 0), (200, 0, 0))]
+    frames[0].paste((0, 0, 200), (30, 30, 40, 40))
     frames[0].save(folder / "animated.gif", save_all=True, append_images=frames[1:], duration=50)
     add("animated.gif")
     rotated = Image.new("RGB", (40, 20), (255, 0, 0))

@@ -75,6 +75,7 @@ def _pack(sample: Sample, cfg: PackConfig, data: bytes | OSError | None) -> Pack
     if max(w, h) / min(w, h) > cfg.max_aspect_ratio:
         raise Rejected(f"aspect_ratio: {w}x{h}")
     image = downscale(image, cfg.max_image_side)
+    check_not_blank(image, cfg, info)
     pixels_sha256 = hashlib.sha256(image.tobytes()).hexdigest()
     ext, as_is = _storage(cfg, info, image.size == (w, h))
     meta = {
@@ -168,7 +169,10 @@ def decode_image(data: bytes, cfg: PackConfig) -> tuple[Image.Image, dict]:
                 _draft_for(img, cfg.max_image_side)
                 img.load()
                 oriented = ImageOps.exif_transpose(img)
-                return to_rgb(oriented), info
+                info["transparent"] = has_transparency(oriented)
+                if info["transparent"] and cfg.alpha_background == "reject":
+                    raise Rejected("transparent: it has transparency (pack.alpha_background)")
+                return to_rgb(oriented, _background(cfg)), info
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise Rejected(f"decompression_bomb: {e}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
@@ -184,8 +188,41 @@ def _draft_for(img: Image.Image, max_side: int | None) -> None:
     img.draft("RGB", (max(1, round(img.width * scale)), max(1, round(img.height * scale))))
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB: transparency composited on white, 16-bit scaled down, CMYK converted."""
+def _background(cfg: PackConfig) -> tuple[int, int, int]:
+    from PIL import ImageColor
+
+    colour = "white" if cfg.alpha_background == "reject" else cfg.alpha_background
+    return ImageColor.getrgb(colour)[:3]
+
+
+def has_transparency(img: Image.Image) -> bool:
+    """Whether any pixel is less than opaque."""
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        img.mode == "P" and "transparency" in img.info
+    ):
+        return img.convert("RGBA").getchannel("A").getextrema()[0] < 255
+    return False
+
+
+def check_not_blank(image: Image.Image, cfg: PackConfig, info: dict) -> None:
+    """Rejected (`blank`) when the image is nearly one colour after conversion (what a
+    white logo on a transparent background becomes on a white one): a blank picture
+    teaches nothing, and several of them used to pass as duplicates of one another."""
+    if not cfg.blank_threshold:
+        return
+    small = image if max(image.size) <= 64 else image.resize((64, 64), Image.BILINEAR)
+    pixels = np.asarray(small, dtype=np.float32).reshape(-1, 3)
+    if float(pixels.std(axis=0).max()) >= cfg.blank_threshold:
+        return
+    colour = "#" + "".join(f"{int(c):02x}" for c in pixels.mean(axis=0).round())
+    why = f"blank: nearly one colour ({colour}) after conversion"
+    if info.get("transparent"):
+        why += f", its transparency flattened onto {cfg.alpha_background} (pack.alpha_background)"
+    raise Rejected(why)
+
+
+def to_rgb(img: Image.Image, background=(255, 255, 255)) -> Image.Image:
+    """RGB: transparency composited on `background`, 16-bit scaled down, CMYK converted."""
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         array = np.asarray(img, dtype=np.float64)
         sixteen = img.mode.startswith("I;16") or (img.mode == "I" and array.max(initial=0) > 255)
@@ -196,8 +233,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
         img.mode == "P" and "transparency" in img.info
     ):
         rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
+        under = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(under, rgba).convert("RGB")
     return img.convert("RGB")
 
 
