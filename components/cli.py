@@ -45,40 +45,100 @@ def _cache(p, a):
     if (a.worker_index is None) != (a.num_workers is None):
         raise ConfigError("--worker-index and --num-workers go together")
     r = cache_latents.run(p.cache, a.shards, a.model, a.out, a.worker_index, a.num_workers)
+    if p.cache.buckets and a.worker_index is None and os.environ.get("RANK", "0") == "0":
+        _bucket_report(p, a.out)
     return r.summary() + f" -> {a.out}"
+
+
+def _bucket_report(p, latents: Path) -> None:
+    """With buckets, what each one holds and what an epoch of this params file's train
+    batch trains of it, before training: printed, and `buckets.json` in the latents."""
+    from components.common.io import write_json_atomic
+    from components.common.records import read_latent_manifest
+    from components.train_unet.data import LatentStream
+
+    try:
+        stream = LatentStream.from_manifest(
+            Path(latents),
+            read_latent_manifest(latents),
+            p.train.max_train_samples,
+            batch_size=p.train.train_batch_size,
+            seed=p.train.seed,
+            streams=p.train.data_streams,
+        )
+        rows, line = stream.bucket_table(), stream.epoch_summary()[0]
+    except ConfigError as e:  # no bucket fills a batch: said now, refused by train
+        rows, line = [], str(e)
+    write_json_atomic(
+        Path(latents) / "buckets.json",
+        {"train_batch_size": p.train.train_batch_size, "processes": 1, "buckets": rows},
+    )
+    print(f"{line} (with train.train_batch_size {p.train.train_batch_size}, one process)")
 
 
 def _train(p, a):
     from components import train_unet
 
-    if a.num_processes > 1 and "WORLD_SIZE" not in os.environ:
+    launched = "WORLD_SIZE" in os.environ  # a rank of a launch: its launcher checked
+    trainer = "PET_NNODES" in os.environ
+    if not launched:
+        processes = _trainer_processes() if trainer else a.num_processes
+        check_before_training(p, a.latents, a.model, processes, evaluate_too=not a.checked)
+    if not launched and (trainer or a.num_processes > 1):
         return _launch(p, a)
     r = train_unet.run(p.train, a.latents, a.model, a.out, a.reports, a.checkpoints, a.metrics)
     return r.summary() + f"; model -> {a.out}"
 
 
+def _trainer_processes() -> int:
+    """All processes of a Trainer job: nodes x processes per node (`auto`: this node's
+    GPUs, or one on a CPU node)."""
+    import torch
+
+    nodes = int(os.environ["PET_NNODES"].split(":")[-1])
+    per_node = os.environ.get("PET_NPROC_PER_NODE", "1")
+    if not per_node.isdigit():
+        per_node = str(torch.cuda.device_count() or 1)
+    return nodes * int(per_node)
+
+
+def check_before_training(p, latents, model, processes: int, evaluate_too: bool = True) -> None:
+    """Everything the data and params decide that would fail later, checked before a
+    step is trained: the run's own settings, the base model, the data streams and
+    buckets, and (unless the caller checked it: `--checked`) what evaluate will need of
+    the data (its validation split)."""
+    from components import evaluate, train_unet
+    from components.train_unet.setup import check_environment, resolve_precision
+
+    check_environment(resolve_precision(p.train))
+    train_unet.check_data(p.train, latents, processes, model)
+    if evaluate_too:
+        evaluate.check_inputs(p.evaluate, latents)
+
+
 def _launch(p, a) -> str:
-    """Re-run this command as `--num-processes` DDP processes (torchrun, one per GPU;
-    gloo on CPU). Settings are checked here first, so a bad one fails once."""
+    """Re-run this command as DDP processes under torchrun: `--num-processes` on this
+    machine (one per GPU; gloo on CPU), or, under Kubeflow Trainer (PET_* set), this
+    node's share of the job, torchrun taking the job's shape from PET_*. Settings are
+    checked before (`check_before_training`), so a bad one fails once per node."""
     import subprocess
 
-    from components.train_unet import check_data
-    from components.train_unet.setup import check_environment
-
-    check_environment(p.train)
-    check_data(p.train, a.latents, a.num_processes)
     argv, skip = [], False
     for arg in a.argv:
         if skip or arg.startswith("--num-processes"):
             skip = arg == "--num-processes" and not skip
             continue
         argv.append(arg)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    cmd += ["--nproc_per_node", str(a.num_processes), "-m", "components.cli", *argv]
-    done = subprocess.run(cmd)
+    cmd = [sys.executable, "-m", "torch.distributed.run"]
+    if "PET_NNODES" in os.environ:  # torchrun reads the job's shape from PET_*
+        what = f"node {os.environ.get('PET_NODE_RANK', '?')} of {os.environ['PET_NNODES']}"
+    else:
+        cmd += ["--standalone", "--nproc_per_node", str(a.num_processes)]
+        what = f"{a.num_processes} processes"
+    done = subprocess.run([*cmd, "-m", "components.cli", *argv])
     if done.returncode:
-        raise T2IError(f"training with {a.num_processes} processes failed (exit {done.returncode})")
-    return f"trained with {a.num_processes} processes; model -> {a.out}"
+        raise T2IError(f"training ({what}) failed (exit {done.returncode})")
+    return f"trained ({what}); model -> {a.out}"
 
 
 def _evaluate(p, a):
@@ -160,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--num-processes", type=int, default=1, help="DDP processes (one per GPU; gloo on CPU)"
     )
+    train.add_argument(
+        "--checked",
+        action="store_true",
+        help="the caller checked the data against evaluate's settings (a pipeline's check)",
+    )
     stage(
         "evaluate",
         _evaluate,
@@ -180,7 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
         out="artifacts/publish",
     )
     pipe = stage("pipeline", _pipeline, "compile, run locally, submit or schedule the KFP DAG")
-    pipe.add_argument("action", choices=["compile", "run-local", "submit", "schedule"])
+    pipe.add_argument(
+        "action", choices=["compile", "run-local", "submit", "schedule", "trainjob", "runtime"]
+    )
     pipe.add_argument(
         "--output",
         type=Path,
@@ -193,6 +260,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=Path("artifacts/kfp-local"),
         help="run-local: pipeline root for the local run's artifacts",
     )
+    job = pipe.add_argument_group("trainjob (Kubeflow Trainer, without KFP)")
+    job.add_argument("--name", help="the TrainJob's name (default: from pipeline.name)")
+    for flag, what in (
+        ("latents", "the latents"),
+        ("model", "the base model"),
+        ("out", "the trained model"),
+        ("checkpoints", "the checkpoints"),
+    ):
+        job.add_argument(f"--{flag}", help=f"{what} on the shared volume (default: under "
+                         "pipeline.workspace_path)")  # fmt: skip
+    job.add_argument("--submit", action="store_true", help="create it in the kube context")
+    job.add_argument("--wait", action="store_true", help="with --submit: follow it to the end")
     return parser
 
 

@@ -22,7 +22,8 @@ from .conftest import EVAL, train_then_resume
 # 32 px buckets in steps of 8: 96x48 -> 40x24, 48x96 -> 24x40, 64x64 -> 32x32,
 # and two 128x32 panoramas -> 64x16, fewer than a batch.
 SHAPES = [(64, 64), (96, 48), (48, 96)]
-CACHE = CacheConfig(resolution=32, buckets=True, bucket_step=8, random_flip=True)
+# bucket_step null: the tiny model's own downscaling, 8 (SD's would be 64).
+CACHE = CacheConfig(resolution=32, buckets=True, random_flip=True)
 TRAIN = TrainConfig(
     train_batch_size=4,
     max_train_steps=8,
@@ -132,6 +133,34 @@ def test_no_bucket_filling_a_batch_is_one_line(mixed, tiny_model, tmp_path):
         train_unet.run(big, mixed / "latents", tiny_model, tmp_path / "m")
 
 
-def test_bucket_step_is_checked():
-    with pytest.raises(ValueError, match="bucket_step must be a multiple of 8"):
-        CacheConfig(resolution=32, buckets=True, bucket_step=12)
+def test_bucket_step_comes_from_the_model_and_a_bad_one_names_one_that_works(
+    mixed, tiny_model, tmp_path
+):
+    """SD's 64 on the 32 px demo used to be refused with a line naming no value that
+    works; the default now comes from the model, and a wrong one says what fits."""
+    assert (40, 24) in read_latent_manifest(mixed / "latents").buckets  # steps of 8
+    for step, why in ((64, "at most cache.resolution .32.; 8 works here"), (12, "multiple of 8")):
+        cfg = CACHE.model_copy(update={"bucket_step": step})
+        with pytest.raises(ConfigError, match=f"cache.bucket_step {step}: must be a .*{why}"):
+            cache_latents.run(cfg, mixed / "shards", tiny_model, tmp_path / f"l{step}")
+        assert not (tmp_path / f"l{step}").exists()
+
+
+def test_the_cache_reports_each_buckets_batches_before_training(
+    mixed, tiny_model, tmp_path, capsys
+):
+    from components.cli import main
+
+    sets = ["cache.buckets=true", "cache.resolution=32", "cache.random_flip=true"]
+    sets += ["train.train_batch_size=4", "train.shuffle_buffer=8"]
+    argv = ["cache", "--shards", str(mixed / "shards"), "--model", str(tiny_model)]
+    argv += ["--out", str(tmp_path / "lat")]
+    for s in sets:
+        argv += ["--set", s]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "64x16: 2 samples, 0 batches (too few for a global batch of 4" in out
+    report = json.loads((tmp_path / "lat" / "buckets.json").read_text())
+    rows = {r["bucket"]: r for r in report["buckets"]}
+    assert rows["64x16"] == {"bucket": "64x16", "samples": 2, "batches": 0, "left_out": 2}
+    assert report["train_batch_size"] == 4 and sum(r["samples"] for r in rows.values()) > 30

@@ -629,6 +629,7 @@ def test_two_gloo_processes_equal_one_with_twice_the_batch(latents, tiny_model, 
     sets = [f"train.{k}={v}" for k, v in {**common, "train_batch_size": 4}.items()]
     sets += ["train.learning_rate=0.001", "train.lr_scheduler=constant"]
     sets += ["train.proportion_empty_prompts=0.0"]  # as TRAIN, not params.yaml
+    sets += ["evaluate.heldout_captions=4"]  # the fixture's validation split holds 10
     argv = ["train", "--num-processes", "2", "--latents", str(latents), "--model", str(tiny_model)]
     argv += ["--out", str(tmp_path / "two"), "--reports", str(tmp_path / "r2")]
     argv += ["--checkpoints", str(tmp_path / "c2")]
@@ -808,3 +809,109 @@ def test_non_ema_revision_needs_a_hub_model(latents, tiny_model, tmp_path):
     with pytest.raises(ConfigError, match="non_ema_revision needs a hub model"):
         train_unet.run(cfg, latents, tiny_model, tmp_path / "m")
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("evaluate.heldout_captions=500", "validation split holds 10 samples; lower it to 10"),
+        ("train.train_batch_size=64", "less than one global batch of 64"),
+    ],
+)
+def test_what_would_fail_later_fails_before_training(
+    latents, tiny_model, tmp_path, capsys, setting, message
+):
+    """Evaluate's needs of the data and the stream arithmetic are checked by `t2i
+    train` before a step is trained: one line, exit 2, no model, no checkpoint."""
+    from components.cli import main
+
+    argv = ["train", "--latents", str(latents), "--model", str(tiny_model)]
+    argv += ["--out", str(tmp_path / "m"), "--checkpoints", str(tmp_path / "c")]
+    argv += ["--set", setting, "--set", "train.report_to=none"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "m").exists() and not (tmp_path / "c").exists()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _nodes(latents, model, root, cfg, kill_node_after: str | None = None) -> list[int]:
+    """`t2i train` on 2 "nodes" (processes with Kubeflow Trainer's PET_* variables, 1
+    process each, gloo). With `kill_node_after`, node 1 is SIGKILLed once that
+    checkpoint is committed (a lost node). The exit codes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from .conftest import REPO
+
+    port = str(_free_port())
+    sets = [
+        a
+        for k, v in cfg.model_dump(mode="json").items()
+        for a in ("--set", f"train.{k}={json.dumps(v)}")
+    ]
+    argv = [sys.executable, "-m", "components.cli", "train", "--params", "/dev/null", *sets]
+    argv += ["--checked"]  # (evaluate's defaults are not this data's)
+    argv += ["--latents", str(latents), "--model", str(model), "--out", str(root / "model")]
+    argv += ["--reports", str(root / "train"), "--checkpoints", str(root / "ckpt")]
+    procs = []
+    for rank in (0, 1):
+        pet = {"PET_NNODES": "2", "PET_NODE_RANK": str(rank), "PET_NPROC_PER_NODE": "1",
+               "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": port}  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(REPO), **pet}
+        procs.append(
+            subprocess.Popen(
+                argv, env=env, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL
+            )
+        )
+    if kill_node_after:
+        deadline = time.monotonic() + 240
+        while not list((root / "ckpt").glob(f"*/{kill_node_after}/COMMITTED")):
+            assert time.monotonic() < deadline and procs[1].poll() is None
+            time.sleep(0.05)
+        os.killpg(procs[1].pid, signal.SIGKILL)  # node 1 and its torchrun workers
+        procs[1].wait()
+        # JobSet's failurePolicy fails the whole job when a node fails: node 0, blocked
+        # in a collective with its lost peer, goes too (then the job restarts whole).
+        os.killpg(procs[0].pid, signal.SIGTERM)
+    return [p.wait(timeout=300) for p in procs]
+
+
+@pytest.mark.slow
+def test_two_trainer_nodes_train_as_one_process_with_two_streams_and_resume(
+    latents, tiny_model, tmp_path
+):
+    """Two `t2i train` processes with PET_NNODES=2 (as Kubeflow Trainer starts them)
+    give the UNet of one process with data_streams: 2 (within the DDP tolerance); a
+    node lost after a checkpoint, both restarted, equals the uninterrupted 2-node run."""
+    cfg = RESUME.model_copy(update={"max_train_steps": 8, "train_batch_size": 2,
+                                    "data_streams": 2, "checkpointing_steps": 2})  # fmt: skip
+    straight = tmp_path / "straight"
+    assert _nodes(latents, tiny_model, straight, cfg) == [0, 0]
+    one = cfg.model_copy(update={"train_batch_size": 4})
+    train_unet.run(one, latents, tiny_model, tmp_path / "one", tmp_path / "r1", tmp_path / "c1")
+    a, b = load_file(straight / "model" / UNET), load_file(tmp_path / "one" / UNET)
+    base = load_file(tiny_model / UNET)
+
+    def norm(x, y):
+        return sum((x[k] - y[k]).double().pow(2).sum().item() for k in x) ** 0.5
+
+    assert norm(a, b) / norm(b, base) < 0.01  # as the one-node DDP test's tolerance
+
+    lost = tmp_path / "lost"
+    codes = _nodes(latents, tiny_model, lost, cfg, kill_node_after="checkpoint-4")
+    assert codes[1] == -9 and codes[0] != 0 and not (lost / "model").exists()
+    assert _nodes(latents, tiny_model, lost, cfg) == [0, 0]  # the job restarted whole
+    metrics = json.loads((lost / "train" / "train_metrics.json").read_text())
+    assert metrics["resumed_from_step"] >= 4
+    _same_run(lost, straight, 8)

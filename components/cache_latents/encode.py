@@ -59,10 +59,11 @@ class LatentEncoder:
         self, model: Path, cfg: CacheConfig, device: str | None = None, max_aspect: float = 4.0
     ):
         self.cfg, self.device = cfg, device or default_device()
-        self.buckets = (
-            bucket_sizes(cfg.resolution, cfg.bucket_step, max_aspect) if cfg.buckets else None
-        )
         vae = load_vae(model).eval()
+        self.buckets = None
+        if cfg.buckets:
+            step = bucket_step(model, cfg, vae.config)
+            self.buckets = bucket_sizes(cfg.resolution, step, max_aspect)
         self.dtype = vae_compute_dtype(cfg, self.device, vae.config.get("force_upcast", False))
         self.vae = vae.to(self.device)
         if self.dtype != torch.float32:  # (a no-op cast still makes diffusers warn)
@@ -77,7 +78,6 @@ class LatentEncoder:
             self.text_encoder = load_text_encoder(model).eval().to(self.device, self.dtype)
         self.model_key = model_key(model, cfg, self.vae.config, self.dtype)
         if self.buckets:
-            check_bucket_step(model, cfg, self.vae.config)
             self.model_key["buckets"] = [list(b) for b in self.buckets]
 
     @property
@@ -213,16 +213,32 @@ def bucket_sizes(resolution: int, step: int, max_aspect: float) -> list[tuple[in
     return sorted(found)
 
 
-def check_bucket_step(model: Path, cfg: CacheConfig, vae_config) -> None:
-    """ConfigError unless bucket sides make latents the UNet can halve at each level."""
+def downscale_factor(model: Path, vae_config) -> int:
+    """How much smaller than the image the UNet's deepest feature map is: the VAE's
+    downscaling times the UNet's (SD 1.x/2.x: 8 x 8 = 64; the tiny demo: 4 x 2 = 8)."""
     unet = json.loads((Path(model) / "unet" / "config.json").read_text())
     factor = 2 ** (len(vae_config.block_out_channels) - 1)
-    factor *= 2 ** (len(unet["block_out_channels"]) - 1)
-    if cfg.bucket_step % factor:
-        raise ConfigError(
-            f"cache.bucket_step {cfg.bucket_step}: must be a multiple of {factor} for this "
-            "model (the VAE's and the UNet's downscaling); SD 1.x/2.x: 64"
+    return factor * 2 ** (len(unet["block_out_channels"]) - 1)
+
+
+def bucket_step(model: Path, cfg: CacheConfig, vae_config) -> int:
+    """The bucket side step: `cache.bucket_step`, or the model's downscale factor when it
+    is null. ConfigError naming a step that works when the given one does not."""
+    factor = downscale_factor(model, vae_config)
+    step = cfg.bucket_step or factor
+    fits = step % factor == 0 and step <= cfg.resolution
+    if not fits:
+        works = factor if factor <= cfg.resolution else None
+        advice = (
+            f"{works} works here (or leave it null: the model's own)"
+            if works
+            else f"raise cache.resolution to at least {factor}"
         )
+        raise ConfigError(
+            f"cache.bucket_step {step}: must be a multiple of {factor} (this model's VAE and "
+            f"UNet downscaling) and at most cache.resolution ({cfg.resolution}); {advice}"
+        )
+    return step
 
 
 def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:

@@ -39,7 +39,13 @@ from components.common.records import (
     write_record,
 )
 from components.evaluate.report import render_report
-from components.evaluate.sampling import generate, heldout_images, to_uint8, use_scheduler
+from components.evaluate.sampling import (
+    generate,
+    heldout_images,
+    heldout_shortfall,
+    to_uint8,
+    use_scheduler,
+)
 from components.evaluate.scores import clip_scores, distances, load_scorers
 
 CELL = 128  # pixels per grid cell: tiny samples are upscaled to be seen
@@ -164,6 +170,16 @@ def run(
     )
     write_record(record, out / EVALUATION_RECORD)
     return report
+
+
+def check_inputs(cfg: EvaluateConfig, latents: Path) -> None:
+    """ConfigError, before anything is trained or sampled, when the data cannot serve
+    these settings: no validation samples, or fewer than `heldout_captions`."""
+    val = read_latent_manifest(latents).samples.get("val", 0)
+    if not val:
+        raise ConfigError(f"{latents}: no validation samples; raise pack.val_fraction and re-run")
+    if val < cfg.heldout_captions:
+        raise ConfigError(heldout_shortfall(cfg, val))
 
 
 def check_adapter_base(train: TrainRecord, base_model: Path) -> None:

@@ -69,6 +69,13 @@ class HeldOut:
     images: torch.Tensor  # (N, 3, R, R) uint8
 
 
+def heldout_shortfall(cfg: EvaluateConfig, val_samples: int) -> str:
+    return (
+        f"evaluate.heldout_captions={cfg.heldout_captions}, but the validation split holds "
+        f"{val_samples} samples; lower it to {val_samples} or less, or raise pack.val_fraction"
+    )
+
+
 def heldout_images(shards: Path | None, cfg: EvaluateConfig, resolution: int) -> HeldOut:
     """`cfg.heldout_captions` validation samples (drawn from `cfg.seed`), center-cropped
     and resized to `resolution`. ConfigError when the split holds fewer."""
@@ -80,10 +87,7 @@ def heldout_images(shards: Path | None, cfg: EvaluateConfig, resolution: int) ->
         if shard.split == "val":
             records += [(r["__key__"], r) for r in read_shard(Path(shards) / shard.name)]
     if len(records) < cfg.heldout_captions:
-        raise ConfigError(
-            f"evaluate.heldout_captions={cfg.heldout_captions}, but the validation split holds "
-            f"{len(records)} samples; lower it or raise pack.val_fraction"
-        )
+        raise ConfigError(heldout_shortfall(cfg, len(records)))
     records.sort(key=lambda kr: kr[0])
     pick = np.random.default_rng([cfg.seed, 7]).choice(
         len(records), cfg.heldout_captions, replace=False

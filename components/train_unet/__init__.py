@@ -199,12 +199,29 @@ def _resume(r: Run, path: Path) -> tuple[int, list]:
     return step, state["history"]
 
 
-def check_data(cfg: TrainConfig, latents: Path, processes: int) -> None:
-    """ConfigError when the latent shards cannot give `processes` ranks a full global
-    batch (before launching them: one line, not one traceback per rank)."""
+def check_data(cfg: TrainConfig, latents: Path, processes: int, model: Path | None = None) -> str:
+    """ConfigError, before any work (and before launching `processes` ranks: one line,
+    not one traceback per rank), when this run cannot train: the latents cannot give
+    every rank a full global batch (or, with buckets, no bucket fills one), or `model`
+    (a local base model) is not one the trainer trains or predicts a target it cannot
+    train. Returns what an epoch leaves out, in one line ("" when nothing)."""
     from components.common.records import read_latent_manifest
+    from components.train_unet.setup import training_scheduler
 
-    LatentStream.from_manifest(
+    named = cfg.pretrained_model_name_or_path
+    if named is not None and Path(named).is_dir():  # (a hub id is checked once fetched)
+        model, key = Path(named), "train.pretrained_model_name_or_path"
+    elif named is not None:
+        model = None
+    else:
+        key = "--model"
+    if model is not None:
+        from components.common.families import family_of
+        from components.common.models import check_model_dir
+
+        family_of(check_model_dir(Path(model)), key)
+        training_scheduler(Path(model), cfg)
+    stream = LatentStream.from_manifest(
         Path(latents),
         read_latent_manifest(latents),
         cfg.max_train_samples,
@@ -213,6 +230,7 @@ def check_data(cfg: TrainConfig, latents: Path, processes: int) -> None:
         world=processes,
         streams=cfg.data_streams,
     )
+    return stream.epoch_summary()[0]
 
 
 def _prepare(cfg, latents, manifest, models_at, reports, checkpoint_dir) -> Run:

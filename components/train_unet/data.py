@@ -198,25 +198,39 @@ class LatentStream:
                 "a batch per stream; the shard order changes every epoch)",
                 left,
             )
-        plan = Counter(self.bucket_plan(0))
-        held = Counter(b for ref in self.shards for b in ref.buckets)
         parts, unused = [], 0
-        for b, n in sorted(held.items()):
-            w, h = self.buckets[b]
-            left = n - plan[b] * self.global_batch
-            unused += left
+        for row in self.bucket_table():
+            unused += row["left_out"]
             parts.append(
-                f"{w}x{h}: {n} samples, {plan[b]} batches"
-                + (f", {left} left out" if left and plan[b] else "")
+                f"{row['bucket']}: {row['samples']} samples, {row['batches']} batches"
+                + (f", {row['left_out']} left out" if row["left_out"] and row["batches"] else "")
                 + (
                     ""
-                    if plan[b]
+                    if row["batches"]
                     else f" (too few for a global batch of {self.global_batch}: not "
                     "trained; lower train.train_batch_size to train them)"
                 )
             )
         line = f"buckets (epoch 0): {'; '.join(parts)}"
         return line, unused
+
+    def bucket_table(self) -> list[dict]:
+        """With buckets, per bucket in epoch 0: its train samples, the global batches it
+        fills and the samples it leaves out."""
+        plan = Counter(self.bucket_plan(0))
+        held = Counter(b for ref in self.shards for b in ref.buckets)
+        rows = []
+        for b, n in sorted(held.items()):
+            w, h = self.buckets[b]
+            rows.append(
+                {
+                    "bucket": f"{w}x{h}",
+                    "samples": n,
+                    "batches": plan[b],
+                    "left_out": n - plan[b] * self.global_batch,
+                }
+            )
+        return rows
 
     def steps_in_epoch(self, epoch: int) -> int:
         if self.buckets is not None:

@@ -191,6 +191,11 @@ def training_scheduler(model: Path, cfg: TrainConfig):
             f"{model}/scheduler: prediction_type {prediction!r} cannot be trained by this "
             "recipe (epsilon or v_prediction); set train.prediction_type"
         )
+    if cfg.dream_training and prediction != "epsilon":
+        raise ConfigError(
+            f"train.dream_training works on the epsilon target only (as diffusers'), and this "
+            f"run's is {prediction}: set train.prediction_type: epsilon or turn DREAM off"
+        )
     return noise_scheduler
 
 
