@@ -244,8 +244,46 @@ def source_warning(params: Params) -> str | None:
     )
 
 
+def trainjob_command(params: Params, args) -> str:
+    """`t2i pipeline trainjob`: the TrainJob the train task would create, as YAML (to
+    stdout or `--output`), for `kubectl apply -f -`; `--submit` creates it in the
+    current kube context and `--wait` follows it like the KFP launcher does."""
+    import yaml
+
+    from pipelines import kube, trainjob
+
+    p = params.pipeline
+    if not p.workspace_pvc:
+        raise ConfigError("t2i pipeline trainjob needs pipeline.workspace_pvc: the nodes share it")
+    root = Path(p.workspace_path)
+    name = args.name or trainjob.job_name(p.name, time.strftime("manual-%Y%m%d-%H%M%S"))
+    paths = trainjob.JobPaths(
+        Path(args.latents or root / "latents"),
+        Path(args.model or root / "base-model"),
+        Path(args.out or root / "trainjobs" / name / "model"),
+        root / "trainjobs" / name / "reports",
+        Path(args.checkpoints or root / "checkpoints"),
+    )
+    job = trainjob.manifest(params, name, trainjob.train_args(params.train, paths, checked=False))
+    text = yaml.safe_dump(job, sort_keys=False)
+    if args.output:
+        with atomic_path(Path(args.output), ".yaml") as tmp:
+            tmp.write_text(text)
+    if not args.submit:
+        if not args.output:
+            print(text, end="")
+        return f"TrainJob {name}: " + (f"written to {args.output}" if args.output else "above")
+    api, namespace = kube.api_client()
+    launcher = trainjob.Launcher(api, namespace, poll_s=float(os.environ.get("T2I_POLL_S", "10")))
+    if not args.wait:
+        launcher.submit(job)
+        return f"TrainJob {namespace}/{name} submitted"
+    trainjob.run_job(launcher, job)
+    return f"TrainJob {namespace}/{name} complete; model -> {paths.model}"
+
+
 def dispatch(params: Params, args) -> str:
-    if args.action != "run-local":
+    if args.action in ("compile", "submit", "schedule"):
         for warning in (image_warning(params.pipeline.image), source_warning(params)):
             if warning:
                 print(warning, file=sys.stderr)
@@ -261,6 +299,20 @@ def dispatch(params: Params, args) -> str:
         if result["state"] != "COMPLETE":
             raise T2IError(f"local pipeline {said}; {where}")
         return f"local pipeline {said}; {where}"
+    if args.action == "trainjob":
+        return trainjob_command(params, args)
+    if args.action == "runtime":
+        import yaml
+
+        from pipelines.trainjob import runtime_manifest
+
+        text = yaml.safe_dump(runtime_manifest(params), sort_keys=False)
+        if args.output:
+            with atomic_path(Path(args.output), ".yaml") as tmp:
+                tmp.write_text(text)
+            return f"ClusterTrainingRuntime {params.pipeline.trainer.runtime} -> {args.output}"
+        print(text, end="")
+        return f"ClusterTrainingRuntime {params.pipeline.trainer.runtime}: above"
     if args.action == "submit":
         return f"submitted run {submit(params)} to {params.pipeline.host}"
     return f"scheduled recurring run {schedule(params)} ({params.pipeline.schedule_cron})"

@@ -28,7 +28,9 @@ from components.common.errors import ConfigError
 from pipelines.ops import make_ops
 
 # The stages that mount the workspace: state across runs, and the run notes.
-WORKSPACE_STAGES = ("fingerprint", "pack", "cache", "train", "evaluate", "publish", "summary")
+WORKSPACE_STAGES = (
+    "fingerprint", "pack", "cache", "check", "train", "evaluate", "publish", "summary"
+)  # fmt: skip
 # The stages that read data.source (a path on `pipeline.data_pvc`, or a URI).
 DATA_STAGES = ("fingerprint", "pack")
 # Who gets which secret (as environment variables): every stage that may read the Hub
@@ -107,7 +109,11 @@ def _workspace_task(ops, p):
     if not p.workspace_pvc:
         return None
     create = p.workspace_create.model_dump() if p.workspace_create is not None else None
-    task = ops.workspace_op(pvc_name=p.workspace_pvc, create=json.dumps(create) if create else "")
+    task = ops.workspace_op(
+        pvc_name=p.workspace_pvc,
+        create=json.dumps(create) if create else "",
+        shared=p.resources["train"].nodes > 1,  # every train node mounts it: RWX
+    )
     return task.set_display_name("workspace")
 
 
@@ -127,7 +133,10 @@ def _train_and_publish(ops, p, decision, source, workspace, parameters) -> list[
     cache_tasks = []
     if p.cache_workers <= 1:
         cache = ops.cache_op(
-            workspace=workspace, cache_params=parameters["cache_params"], **inputs
+            workspace=workspace,
+            processes=max(1, p.resources["cache"].gpus),
+            cache_params=parameters["cache_params"],
+            **inputs,
         ).set_display_name("cache")
         cache_tasks.append(("cache", cache))
     else:
@@ -145,13 +154,26 @@ def _train_and_publish(ops, p, decision, source, workspace, parameters) -> list[
             parts=dsl.Collected(worker.outputs["part"]),
         ).set_display_name("cache-merge")
         cache_tasks += [("cache_worker", worker), ("cache_merge", cache)]
+    # What would fail later (streams, buckets, the base model, evaluate's validation
+    # split) fails here, before a GPU trains a step; train waits for it (an ordering
+    # only: train's cache key stays its own inputs).
+    check = ops.check_op(
+        workspace=workspace,
+        processes=max(1, p.resources["train"].gpus) * p.resources["train"].nodes,
+        train_params=parameters["train_params"],
+        evaluate_params=parameters["evaluate_params"],
+        latents=cache.outputs["latents"],
+        base_model=base.outputs["base_model"],
+    ).set_display_name("check")
     train = ops.train_op(
         workspace=workspace,
         train_key=decision.outputs["train_key"],
+        launch=launch_spec(p),
         train_params=parameters["train_params"],
         latents=cache.outputs["latents"],
         base_model=base.outputs["base_model"],
     ).set_display_name("train")
+    train.after(check)
     evaluation = ops.evaluate_op(
         workspace=workspace,
         evaluate_params=parameters["evaluate_params"],
@@ -174,10 +196,21 @@ def _train_and_publish(ops, p, decision, source, workspace, parameters) -> list[
         ("base_model", base),
         ("pack", pack),
         *cache_tasks,
+        ("check", check),
         ("train", train),
         ("evaluate", evaluation),
         ("publish", publish),
     ]
+
+
+def launch_spec(p) -> str:
+    """What the train task needs to know to train where it should (one process, one per
+    GPU of its pod, or a TrainJob on several nodes): the train resources, the trainer
+    settings, the image, the workspace and the HF token secret's name."""
+    keep = ("name", "image", "workspace_pvc", "workspace_path", "hf_token_secret", "trainer")
+    spec = {k: v for k, v in p.model_dump(mode="json").items() if k in keep}
+    spec["resources"] = {"train": p.resources["train"].model_dump(mode="json")}
+    return json.dumps(spec, sort_keys=True)
 
 
 def place(task, stage: str, params: Params) -> None:
@@ -200,8 +233,9 @@ def place(task, stage: str, params: Params) -> None:
     task.set_env_variable("T2I_IMAGE", p.image)
     if "@" in p.image:
         task.set_env_variable("T2I_IMAGE_DIGEST", p.image.split("@", 1)[1])
+    if stage in ("workspace", "check"):  # small: an API call, a manifest read
+        task.set_cpu_request("100m").set_memory_request("512Mi").set_memory_limit("512Mi")
     if stage == "workspace":
-        task.set_cpu_request("100m").set_memory_request("256Mi").set_memory_limit("256Mi")
         return
     # The run id (the notes' folder) from the label KFP puts on every pod of a run.
     kubernetes.use_field_path_as_env(
@@ -215,6 +249,10 @@ def place(task, stage: str, params: Params) -> None:
         kubernetes.use_secret_as_env(task, secret_name=secret_name, secret_key_to_env=to_env)
     resources = p.resources.get("cache" if stage == "cache_worker" else stage)
     if resources is None:
+        return
+    if stage == "train" and resources.nodes > 1:
+        # The launcher: it creates and follows the TrainJob, whose nodes get the GPUs.
+        task.set_cpu_request("500m").set_memory_request("2Gi").set_memory_limit("2Gi")
         return
     if resources.cpu:
         task.set_cpu_request(resources.cpu).set_cpu_limit(resources.cpu)

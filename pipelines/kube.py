@@ -42,14 +42,16 @@ def ensure_pvc(
     create: dict | None,
     api=None,
     namespace: str | None = None,
+    shared: bool = False,
 ) -> str:
     """Make sure the PVC `name` exists; return what was done, in words.
 
     `create` (`pipeline.workspace_create`: size, storage_class, access_mode) creates
     it when it is missing (and an existing one is reused, whatever made it); None
     requires it to exist. An existing PVC whose access mode differs from the asked one
-    is named. T2IError (one line) when it is missing and not to be created, or when the
-    API refuses (forbidden, quota)."""
+    is named. T2IError (one line) when it is missing and not to be created, when the
+    API refuses (forbidden, quota), or when `shared` (training on several nodes, which
+    all mount it) and it is not ReadWriteMany."""
     from kubernetes import client
     from kubernetes.client.rest import ApiException
 
@@ -61,11 +63,16 @@ def ensure_pvc(
         existing = core.read_namespaced_persistent_volume_claim(name, namespace)
     except ApiException as e:
         if e.status != 404:
-            raise T2IError(f"PVC {namespace}/{name}: cannot read it ({_reason(e)})") from e
+            raise T2IError(f"PVC {namespace}/{name}: cannot read it ({api_reason(e)})") from e
         existing = None
     if existing is not None:
         modes = list(existing.spec.access_modes or [])
         said = f"workspace PVC {namespace}/{name} exists ({', '.join(modes) or 'no access mode'})"
+        if shared and "ReadWriteMany" not in modes:
+            raise T2IError(
+                f"{said}, but resources.train.nodes > 1 needs ReadWriteMany (every node mounts "
+                "it): use an RWX storage class, or train on one node"
+            )
         if create and create.get("access_mode") not in modes:
             said += f"; pipeline.workspace_create asks for {create.get('access_mode')}"
         return said
@@ -89,7 +96,7 @@ def ensure_pvc(
         if e.status == 409:  # made meanwhile by another run: reuse it
             return f"workspace PVC {namespace}/{name} exists (created by another run meanwhile)"
         raise T2IError(
-            f"workspace PVC {namespace}/{name}: cannot create it ({_reason(e)}); create it "
+            f"workspace PVC {namespace}/{name}: cannot create it ({api_reason(e)}); create it "
             "yourself (pipelines/k8s/workspace-pvc.yaml) or fix the quota or permission"
         ) from e
     return (
@@ -98,7 +105,7 @@ def ensure_pvc(
     )
 
 
-def _reason(e) -> str:
+def api_reason(e) -> str:
     """The API's own one-line reason for a failed call."""
     import json
 

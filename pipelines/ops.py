@@ -19,7 +19,7 @@ from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
 
-def workspace_op(pvc_name: str, create: str):
+def workspace_op(pvc_name: str, create: str, shared: bool):
     # Ensures the workspace PVC exists (creating it when `create`, a JSON claim, is set)
     # before anything mounts it.
     from pipelines.stages import run_stage
@@ -71,6 +71,7 @@ def pack_op(
 
 def cache_op(
     workspace: str,
+    processes: int,
     cache_params: str,
     shards: Input[Dataset],
     base_model: Input[Model],
@@ -106,9 +107,23 @@ def cache_merge_op(
     run_stage("cache_merge", locals())
 
 
+def check_op(
+    workspace: str,
+    processes: int,
+    train_params: str,
+    evaluate_params: str,
+    latents: Input[Dataset],
+    base_model: Input[Model],
+):
+    from pipelines.stages import run_stage
+
+    run_stage("check", locals())
+
+
 def train_op(
     workspace: str,
     train_key: str,
+    launch: str,
     train_params: str,
     latents: Input[Dataset],
     base_model: Input[Model],
@@ -166,6 +181,7 @@ def make_ops(image: str) -> SimpleNamespace:
         cache_op,
         cache_worker_op,
         cache_merge_op,
+        check_op,
         train_op,
         evaluate_op,
         publish_op,

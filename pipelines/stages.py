@@ -61,7 +61,9 @@ SECTIONS = {
 }
 # The config a trained model depends on: a change in any of these retrains.
 TRAINED_FROM = ("data", "model", "pack", "cache", "train", "evaluate")
-STAGE_ORDER = ("fingerprint", "base_model", "pack", "cache", "train", "evaluate", "publish")
+STAGE_ORDER = (
+    "fingerprint", "base_model", "pack", "cache", "check", "train", "evaluate", "publish"
+)  # fmt: skip
 RUN_ID_ENV = "T2I_RUN_ID"
 NOTIFY_ENV = "T2I_NOTIFY_URL"
 # The run states both vocabularies use: the backend's (MLMD execution states, what
@@ -275,11 +277,13 @@ def decide(key: dict[str, Any], last, retrain: str) -> tuple[bool, str]:
     return False, f"data and config unchanged since {since}"
 
 
-def workspace(ctx: Context, pvc_name: str, create: str) -> None:
-    """Make sure the workspace PVC exists (created when `create` holds a claim)."""
+def workspace(ctx: Context, pvc_name: str, create: str, shared: bool = False) -> None:
+    """Make sure the workspace PVC exists (created when `create` holds a claim), and is
+    ReadWriteMany when `shared` by several train nodes."""
     from pipelines.kube import ensure_pvc
 
-    say("workspace", ensure_pvc(pvc_name, json.loads(create) if create else None))
+    said = ensure_pvc(pvc_name, json.loads(create) if create else None, shared=shared)
+    say("workspace", said)
 
 
 def base_model(ctx: Context, model: ModelConfig, base_model) -> None:
@@ -313,16 +317,43 @@ def pack(
     say("pack", report.summary())
 
 
-def cache(ctx: Context, cache: CacheConfig, shards, base_model, latents) -> None:
+def cache(ctx: Context, processes: int, cache: CacheConfig, shards, base_model, latents) -> None:
+    """Encode the shards into the workspace's store (only what is new); with `processes`
+    > 1 (the stage's GPUs) as that many torchrun processes, one per GPU."""
     from components import cache_latents as stage
 
     out = Path(latents.path)
     store = ctx.store("cache", [_packed_source(Path(shards.path)), cache.model_dump()])
     with _locked(store):
-        report = stage.run(cache, Path(shards.path), Path(base_model.path), store or out)
+        if processes > 1:
+            args = ["--shards", shards.path, "--model", base_model.path, "--out", str(store or out)]
+            _torchrun("cache", processes, {"cache": cache.model_dump(mode="json")}, args)
+            line = f"cached with {processes} processes"
+            encoded = None
+        else:
+            report = stage.run(cache, Path(shards.path), Path(base_model.path), store or out)
+            line, encoded = report.summary(), report.shards_encoded
         _mirror(store or out, out)
-    ctx.note("cache", "done", report.summary(), encoded=report.shards_encoded)
-    say("cache", report.summary())
+    ctx.note("cache", "done", line, encoded=encoded)
+    say("cache", line)
+
+
+def _torchrun(command: str, processes: int, sections: dict, args: list[str]) -> None:
+    """`t2i <command>` as `processes` DDP processes of this pod (torchrun, one per GPU),
+    with `sections` as its params file. T2IError when it fails (the ranks' own lines
+    are in the log above)."""
+    import subprocess
+
+    import yaml
+
+    with tempfile.TemporaryDirectory(prefix="t2i-params-") as tmp:
+        params = Path(tmp) / "params.yaml"
+        params.write_text(yaml.safe_dump(sections, sort_keys=True))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        cmd += ["--nproc_per_node", str(processes), "-m", "components.cli", command]
+        done = subprocess.run([*cmd, "--params", str(params), *args])
+    if done.returncode:
+        raise T2IError(f"{command} with {processes} processes failed (exit {done.returncode})")
 
 
 def cache_worker(
@@ -349,6 +380,20 @@ def cache_merge(ctx: Context, num_workers: int, shards, parts, latents) -> None:
     say("cache_merge", line)
 
 
+def check(
+    ctx: Context, processes: int, train: TrainConfig, evaluate: EvaluateConfig, latents, base_model
+) -> None:
+    """Before training: what the data and the configs decide that would fail later."""
+    from components import evaluate as evaluate_stage
+    from components import train_unet
+
+    left = train_unet.check_data(train, Path(latents.path), processes, Path(base_model.path))
+    evaluate_stage.check_inputs(evaluate, Path(latents.path))
+    line = left or "every sample fills a batch"
+    ctx.note("check", "done", line)
+    say("check", line)
+
+
 def train(
     ctx: Context,
     train_key: str,
@@ -358,29 +403,95 @@ def train(
     model,
     reports,
     train_metrics,
+    launch: str = "",
 ):
     """Train; checkpoints go to the workspace, keyed by what the run trains on (the
     latent shards, the train config, `train_key`), so a retried or preempted pod
-    resumes from the last one exactly, and another run never touches them."""
-    from components import train_unet as stage
-    from components.common.records import read_latent_manifest
+    resumes from the last one exactly, and another run never touches them.
 
+    `launch` (JSON: the pipeline's train resources, trainer settings, image, workspace
+    and secrets by name) says where: in this process (one GPU or none), as one torchrun
+    process per GPU of this pod, or, on several nodes, as a Kubeflow Trainer TrainJob
+    this task launches and follows (`pipelines/trainjob.py`)."""
+    from components.common.records import read_latent_manifest
+    from components.train_unet.monitor import TrainReport
+
+    spec = _launch_spec(launch)
+    resources = spec.resources["train"]
     shards = [s.sha256 for s in read_latent_manifest(Path(latents.path)).shards]
     checkpoints = ctx.store("checkpoints", [shards, train.model_dump(), train_key])
+    checkpoints = checkpoints or Path(reports.path) / "checkpoints"
     with _locked(checkpoints):
-        report = stage.run(
-            train,
-            Path(latents.path),
-            Path(base_model.path),
-            Path(model.path),
-            Path(reports.path),
-            checkpoints or Path(reports.path) / "checkpoints",
-        )
+        if resources.nodes > 1:
+            report = _train_on_nodes(ctx, spec, train, latents, base_model, model, reports,
+                                     checkpoints)  # fmt: skip
+        elif resources.gpus > 1:
+            args = ["--latents", latents.path, "--model", base_model.path, "--out", model.path]
+            args += ["--reports", reports.path, "--checkpoints", str(checkpoints), "--checked"]
+            _torchrun("train", resources.gpus, {"train": train.model_dump(mode="json")}, args)
+            report = TrainReport(
+                **json.loads((Path(reports.path) / "train_metrics.json").read_text())
+            )
+        else:
+            from components import train_unet as stage
+
+            report = stage.run(
+                train,
+                Path(latents.path),
+                Path(base_model.path),
+                Path(model.path),
+                Path(reports.path),
+                checkpoints,
+            )
     for key, value in dataclasses.asdict(report).items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             train_metrics.log_metric(key, float(value))
     ctx.note("train", "done", report.summary(), resumed_from_step=report.resumed_from_step)
     say("train", report.summary())
+
+
+def _launch_spec(launch: str):
+    """The pipeline settings the train task launches with (a `PipelineConfig`)."""
+    from components.common.config import PipelineConfig
+
+    return PipelineConfig.model_validate(json.loads(launch)) if launch else PipelineConfig()
+
+
+def _train_on_nodes(ctx, spec, train, latents, base_model, model, reports, checkpoints):
+    """Train on `resources.train.nodes` nodes through Kubeflow Trainer: the inputs are
+    put on the shared workspace, the TrainJob created (or re-attached to) and
+    followed, and its model copied into this task's output."""
+    from components.common.config import Params
+    from components.train_unet.monitor import TrainReport
+    from pipelines import kube, trainjob
+
+    if ctx.workspace is None:
+        raise ConfigError("resources.train.nodes > 1 needs the workspace (the nodes share it)")
+    run_id = os.environ.get(RUN_ID_ENV) or "local"
+    name = trainjob.job_name(spec.name, run_id)
+    paths = trainjob.JobPaths.under(ctx.workspace / "trainjobs" / name, Path(checkpoints))
+    _stage_inputs(Path(latents.path), paths.latents)
+    _stage_inputs(Path(base_model.path), paths.base_model)
+    job = trainjob.manifest(Params(pipeline=spec), name, trainjob.train_args(train, paths))
+    api, namespace = kube.api_client()
+    launcher = trainjob.Launcher(api, namespace, log=lambda line: print(line, flush=True),
+                                 poll_s=float(os.environ.get("T2I_POLL_S", "10")))  # fmt: skip
+    trainjob.run_job(launcher, job)
+    _mirror(paths.model, Path(model.path))
+    _mirror(paths.reports, Path(reports.path))
+    return TrainReport(**json.loads((paths.metrics / "train_metrics.json").read_text()))
+
+
+def _stage_inputs(src: Path, dst: Path) -> None:
+    """Copy an input artifact onto the workspace for the job's nodes, once (a retried
+    launcher finds it there)."""
+    done = dst.with_name(dst.name + ".copied")
+    if done.is_file():
+        return
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+    done.write_text("")
 
 
 def evaluate(
@@ -585,6 +696,7 @@ _STAGES = {
     "cache": cache,
     "cache_worker": cache_worker,
     "cache_merge": cache_merge,
+    "check": check,
     "train": train,
     "evaluate": evaluate,
     "publish": publish,

@@ -26,6 +26,7 @@ CORE = "/api/v1/namespaces/"
 class KubeStandIn:
     def __init__(self, on_trainjob: Callable[[dict], None] | None = None):
         self.requests: list[tuple[str, str, dict, dict | None]] = []
+        self.times: list[float] = []  # time.monotonic() of each request
         self.objects: dict[tuple[str, str, str], dict] = {}  # (kind, namespace, name)
         self.logs: dict[tuple[str, str], str] = {}  # (namespace, pod) -> text
         self.on_trainjob = on_trainjob
@@ -51,9 +52,10 @@ class KubeStandIn:
             def _handle(self) -> None:
                 url = urllib.parse.urlsplit(self.path)
                 query = dict(urllib.parse.parse_qsl(url.query))
-                body = self._body() if self.command in ("POST", "PUT", "PATCH") else None
+                body = self._body() if self.command in ("POST", "PUT", "PATCH", "DELETE") else None
                 with stand_in.lock:
                     stand_in.requests.append((self.command, url.path, query, body))
+                    stand_in.times.append(time.monotonic())
                 code, obj = stand_in.route(self.command, url.path, query, body)
                 if isinstance(obj, str):
                     self._send(code, obj.encode(), "text/plain")
@@ -219,3 +221,95 @@ def _status(code: int, reason: str, message: str) -> dict:
         "reason": reason,
         "code": code,
     }
+
+
+class LocalTrainer:
+    """Plays Kubeflow Trainer for the stand-in: a created TrainJob runs as `numNodes`
+    local `t2i` processes with the PET_* variables the torch plugin injects (the PVC is
+    the same local folder: the manifest's mount path is a path here), its node-0 pod
+    and log registered with the stand-in; `Complete` or `Failed` is set from their exit
+    codes. `fail_node` makes that node fail at once (a node that cannot start)."""
+
+    def __init__(
+        self, stand_in: KubeStandIn, env: dict | None = None, fail_node: int | None = None
+    ):
+        self.stand_in, self.env, self.fail_node = stand_in, env, fail_node
+        self.processes: list = []
+        self.first_step_at: float | None = None  # time.monotonic() of node 0's first step
+
+    def __call__(self, job: dict) -> None:
+        import os
+        import socket
+        import subprocess
+        import sys
+
+        meta, trainer = job["metadata"], job["spec"]["trainer"]
+        name, namespace = meta["name"], meta["namespace"]
+        nodes, per_node = trainer.get("numNodes", 1), trainer.get("numProcPerNode", 1)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        base_env = dict(self.env if self.env is not None else os.environ)
+        base_env.update({v["name"]: v["value"] for v in trainer.get("env", []) if "value" in v})
+        command = trainer["command"]
+        if command[0] == "t2i":  # the image's entry point, here this Python's
+            command = [sys.executable, "-m", "components.cli", *command[1:]]
+        procs = []
+        for rank in range(nodes):
+            env = {
+                **base_env,
+                "PET_NNODES": str(nodes),
+                "PET_NPROC_PER_NODE": str(per_node),
+                "PET_NODE_RANK": str(rank),
+                "PET_MASTER_ADDR": "127.0.0.1",
+                "PET_MASTER_PORT": str(port),
+            }
+            argv = [*command, *trainer["args"]]
+            if rank == self.fail_node:
+                argv = [sys.executable, "-c", "import sys; print('no GPU here'); sys.exit(1)"]
+            procs.append(
+                subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            )
+        self.processes += procs
+        pod = f"{name}-node-0-0-abcde"
+        labels = {
+            "jobset.sigs.k8s.io/jobset-name": name,
+            "batch.kubernetes.io/job-completion-index": "0",
+        }
+        self.stand_in.add_pod(namespace, pod, labels)
+        for line in procs[0].stdout:  # node 0's log, as the pod's
+            text = line.decode("utf-8", "replace")
+            if self.first_step_at is None and text.startswith("train: ") and " 0/" not in text:
+                self.first_step_at = time.monotonic()  # its first progress line: a step done
+            self.stand_in.append_log(namespace, pod, text)
+        while any(p.poll() is None for p in procs):
+            if any(p.poll() for p in procs):  # JobSet fails the job when a node fails
+                for other in procs:
+                    if other.poll() is None:
+                        other.kill()
+            time.sleep(0.05)
+        codes = [p.wait() for p in procs]
+        with self.stand_in.lock:
+            self.stand_in.objects[("pod", namespace, pod)]["status"]["phase"] = (
+                "Failed" if any(codes) else "Succeeded"
+            )
+            if ("trainjob", namespace, name) not in self.stand_in.objects:
+                return  # deleted meanwhile
+        if any(codes):
+            node = next(i for i, c in enumerate(codes) if c)
+            self.stand_in.set_status(
+                namespace,
+                name,
+                [
+                    {
+                        "type": "Failed",
+                        "status": "True",
+                        "reason": "JobFailed",
+                        "message": f"jobset failed: node {node} exited with code {codes[node]}",
+                    }
+                ],
+            )
+        else:
+            self.stand_in.set_status(
+                namespace, name, [{"type": "Complete", "status": "True", "reason": "JobsCompleted"}]
+            )

@@ -338,6 +338,10 @@ def test_the_workspace_pvc_is_made_sure_of_through_the_kubernetes_api(tmp_path, 
         assert len(k8s.calls("POST", "/api/v1/")) == 1
         rwo = {**claim, "access_mode": "ReadWriteOnce"}
         assert "workspace_create asks for ReadWriteOnce" in ensure_pvc("ws", rwo)
+        assert ensure_pvc("ws", None, shared=True)  # RWX: several train nodes may share it
+        ensure_pvc("single", rwo)
+        with pytest.raises(T2IError, match="single exists .ReadWriteOnce., but .* ReadWriteMany"):
+            ensure_pvc("single", None, shared=True)
         k8s.forbidden.add("persistentvolumeclaim")
         with pytest.raises(T2IError, match="other: cannot create it .HTTP 403: .*forbidden"):
             ensure_pvc("other", claim)
@@ -365,3 +369,81 @@ def test_the_registrys_latest_is_what_was_last_published(trained, evaluation, tm
     again = publish.run(cfg, trained[0] / "model", evaluation[0], tmp_path / "out")
     assert again.local.version == 1 and not again.local.new
     assert latest_version(str(root))[0] == 1
+
+
+def test_the_dags_check_task_fails_before_train_with_one_line(
+    latents, tiny_model, tmp_path, monkeypatch, capsys
+):
+    from components.common.config import EvaluateConfig
+
+    monkeypatch.setenv("T2I_RUN_ID", "run-5")
+    io = {
+        "workspace": str(tmp_path / "ws"),
+        "processes": 1,
+        "train_params": json.dumps(TrainConfig().model_dump()),
+        "evaluate_params": json.dumps(EvaluateConfig(heldout_captions=99).model_dump()),
+        "latents": Artifact(latents),
+        "base_model": Artifact(tiny_model),
+    }
+    with pytest.raises(SystemExit) as exit_:
+        run_stage("check", io)
+    assert exit_.value.code == 2
+    note = json.loads((tmp_path / "ws" / "runs" / "run-5" / "check.json").read_text())
+    assert note["status"] == "failed" and "evaluate.heldout_captions=99" in note["summary"]
+    doc = run_summary(tmp_path / "ws" / "runs" / "run-5", "FAILED", "")
+    assert doc["text"].startswith("run failed: check: evaluate.heldout_captions=99")
+
+
+@pytest.mark.slow
+def test_a_pod_with_two_gpus_caches_and_trains_with_two_processes(
+    latents, shards, tiny_model, tmp_path, monkeypatch
+):
+    """`resources.<stage>.gpus: 2` in one pod: cache and train run as 2 torchrun
+    processes (gloo here), the cache encoding the same shards as one process and
+    train the global batches of one process with `data_streams: 2`."""
+    import torch
+    from safetensors.torch import load_file
+
+    from components import train_unet
+    from components.common.config import load_params
+    from pipelines.finetune import launch_spec
+
+    from .conftest import CACHE, TRAIN
+
+    monkeypatch.setenv("T2I_RUN_ID", "run-2gpu")
+    ws = tmp_path / "ws"
+    out = Artifact(tmp_path / "latents")
+    run_stage("cache", {"workspace": str(ws), "processes": 2,
+                        "cache_params": json.dumps(CACHE.model_dump()),
+                        "shards": Artifact(shards), "base_model": Artifact(tiny_model),
+                        "latents": out})  # fmt: skip
+    got = json.loads((Path(out.path) / "manifest.json").read_text())["shards"]
+    want = json.loads((latents / "manifest.json").read_text())["shards"]
+    assert [s["key"] for s in got] == [s["key"] for s in want]
+
+    cfg = TRAIN.model_copy(update={"max_train_steps": 3, "report_to": "none", "data_streams": 2,
+                                   "train_batch_size": 4, "shuffle_buffer": 8})  # fmt: skip
+    two = load_params(None, ["pipeline.resources.train.gpus=2"]).pipeline
+    io = {
+        "workspace": str(ws),
+        "train_key": "",
+        "launch": launch_spec(two),
+        "train_params": json.dumps(cfg.model_dump()),
+        "latents": Artifact(latents),
+        "base_model": Artifact(tiny_model),
+        "model": Artifact(tmp_path / "two" / "model"),
+        "reports": Artifact(tmp_path / "two" / "reports"),
+        "train_metrics": Artifact(tmp_path / "two" / "metrics"),
+    }
+    run_stage("train", io)
+    assert io["train_metrics"].metrics["steps"] == 3
+    one = cfg.model_copy(update={"train_batch_size": 8})
+    train_unet.run(one, latents, tiny_model, tmp_path / "one", tmp_path / "r", tmp_path / "c")
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(tmp_path / "two" / "model" / unet), load_file(tmp_path / "one" / unet)
+    base = load_file(tiny_model / unet)
+
+    def norm(x, y):
+        return sum((x[k] - y[k]).double().pow(2).sum().item() for k in x) ** 0.5
+
+    assert norm(a, b) / norm(b, base) < 0.01 and torch.is_tensor(next(iter(a.values())))
