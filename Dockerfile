@@ -1,6 +1,10 @@
-# The one project image every KFP component runs. CUDA PyTorch base pinned by tag;
-# xformers pinned to the release built for that torch (0.0.31 <-> torch 2.7.1).
-FROM pytorch/pytorch:2.7.1-cuda12.6-cudnn9-runtime
+# The one project image every KFP component (and every Kubeflow Trainer node) runs.
+# PyTorch 2.13.0, the release the test suite runs (its CPU build), here with CUDA 13.0:
+# the image Kubeflow Trainer v2.3's own torch runtime uses. xformers is left out: no
+# xformers release is built for torch 2.13 (0.0.35, the newest, is torch 2.10's and
+# could not load its kernels under 2.11); PyTorch's SDPA (flash attention) is the
+# default, and the `gpu` extra stays for images built on a torch xformers supports.
+FROM pytorch/pytorch:2.13.0-cuda13.0-cudnn9-runtime
 
 ENV PYTHONUNBUFFERED=1 DVC_NO_ANALYTICS=1 PIP_NO_CACHE_DIR=1
 WORKDIR /opt/t2i-pipeline
@@ -8,7 +12,11 @@ WORKDIR /opt/t2i-pipeline
 COPY pyproject.toml constraints.txt README.md ./
 COPY components ./components
 COPY pipelines ./pipelines
-RUN pip install -c constraints.txt ".[gpu,s3,gcs]" "xformers==0.0.31" \
+# torch is the base image's (it satisfies the project's torch>=2.4,<=2.14.1, so pip
+# keeps it); the check fails the build if anything replaced it.
+RUN python -c "import torch; print(torch.__version__)" > /tmp/torch-before \
+    && pip install -c constraints.txt ".[s3,gcs]" \
+    && python -c "import torch; print(torch.__version__)" | cmp - /tmp/torch-before \
     && python -c "import torch, components.cli; print('torch', torch.__version__)"
 
 ENTRYPOINT ["t2i"]
