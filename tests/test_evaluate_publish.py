@@ -152,6 +152,15 @@ def test_experiments_do_not_publish_unless_asked(
     receipt = publish.run(cfg, trained[0] / "model", evaluation[0], tmp_path / "out")
     assert not receipt.published and receipt.experiment == "lunar-moth" and receipt.passed
     assert "publish.from_experiments" in receipt.reason
+    # Advice that works where the experiment ran: DVC's for `dvc exp run`, the local
+    # pipeline's for run-local (where `dvc exp apply` means nothing).
+    if variable == "DVC_EXP_NAME":
+        assert "`dvc exp apply` it" in receipt.reason
+    else:
+        assert "run the local pipeline again with --set publish.from_experiments=true" in (
+            receipt.reason
+        )
+        assert "dvc" not in receipt.reason
     assert read_receipt(tmp_path / "out" / "receipt.json").reason == receipt.reason
     assert not (tmp_path / "registry").exists()
     # A failed gate in an experiment is recorded, not an error: the run's metrics stand.
