@@ -29,7 +29,7 @@ from components.common.config import (  # noqa: E402
 # colours, in more).
 MODEL = ModelConfig(seed=0, tiny_vae_steps=8, tiny_prediction_type="epsilon")
 PACK = PackConfig(val_fraction=0.2, shard_max_samples=16)
-CACHE = CacheConfig(resolution=32, random_flip=True, batch_size=16)
+CACHE = CacheConfig(resolution=32, random_flip=True, batch_size=16, dtype="fp32")
 TRAIN = TrainConfig(
     train_batch_size=8,
     max_train_steps=30,

@@ -195,7 +195,9 @@ def test_newly_packed_shard_encodes_only_that_shard(sample_source, tiny_model, t
 
 def test_killed_run_continues_with_unfinished_shards(shards, tiny_model, latents, tmp_path):
     out = tmp_path / "lat"
-    call = "CacheConfig(resolution=32, random_flip=True, batch_size=16), *sys.argv[1:]"
+    call = (
+        "CacheConfig(resolution=32, random_flip=True, batch_size=16, dtype='fp32'), *sys.argv[1:]"
+    )
     run_killed_on_second_shard("components.cache_latents", call, shards, tiny_model, out)
     assert not (out / "manifest.json").exists()
     assert len(list(out.glob("*.tar"))) == 1  # one committed; the second never got its name
@@ -245,6 +247,8 @@ def test_torchrun_two_processes_share_the_work(shards, tiny_model, latents, tmp_
         "cache.batch_size=16",
         "--set",
         "cache.image_interpolation_mode=lanczos",
+        "--set",
+        "cache.dtype=fp32",
         "--shards",
         str(shards),
         "--model",
