@@ -28,11 +28,13 @@ def _pack(p, a):
     from components.common import remote
 
     source = str(a.source or p.data.source)
+    # The source's stat index (unchanged files are not read again): artifacts/index/.
+    index = Path("artifacts/index") / f"{remote.staging_key(source)}.json"
     if remote.is_remote(source):  # fetched (only what changed) into artifacts/sources/
         local = remote.fetch(source, Path("artifacts/sources") / remote.staging_key(source))
-        report = pack_shards.run(p.data, p.pack, local, a.out, source_name=source)
+        report = pack_shards.run(p.data, p.pack, local, a.out, source_name=source, index=index)
     else:
-        report = pack_shards.run(p.data, p.pack, Path(source), a.out)
+        report = pack_shards.run(p.data, p.pack, Path(source), a.out, index=index)
     return report.summary() + f" -> {a.out}"
 
 

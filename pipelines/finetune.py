@@ -29,7 +29,8 @@ from pipelines.ops import make_ops
 
 # The stages that mount the workspace: state across runs, and the run notes.
 WORKSPACE_STAGES = (
-    "fingerprint", "pack", "cache", "check", "train", "evaluate", "publish", "summary"
+    "fingerprint", "pack", "cache", "cache_worker", "cache_merge", "check", "train",
+    "evaluate", "publish", "summary",
 )  # fmt: skip
 # The stages that read data.source (a path on `pipeline.data_pvc`, or a URI).
 DATA_STAGES = ("fingerprint", "pack")
@@ -112,7 +113,7 @@ def _workspace_task(ops, p):
     task = ops.workspace_op(
         pvc_name=p.workspace_pvc,
         create=json.dumps(create) if create else "",
-        shared=p.resources["train"].nodes > 1,  # every train node mounts it: RWX
+        shared=p.shared_workspace,  # train nodes or cache workers mount it at once: RWX
     )
     return task.set_display_name("workspace")
 
@@ -142,6 +143,7 @@ def _train_and_publish(ops, p, decision, source, workspace, parameters) -> list[
     else:
         with dsl.ParallelFor(items=list(range(p.cache_workers)), name="cache-workers") as index:
             worker = ops.cache_worker_op(
+                workspace=workspace,
                 cache_params=parameters["cache_params"],
                 worker_index=index,
                 num_workers=p.cache_workers,
@@ -149,6 +151,7 @@ def _train_and_publish(ops, p, decision, source, workspace, parameters) -> list[
             ).set_display_name("cache-worker")
         cache = ops.cache_merge_op(
             workspace=workspace,
+            cache_params=parameters["cache_params"],
             num_workers=p.cache_workers,
             shards=pack.outputs["shards"],
             parts=dsl.Collected(worker.outputs["part"]),
@@ -218,7 +221,7 @@ def place(task, stage: str, params: Params) -> None:
     effect outside KFP), retries (for the stages in `pipeline.retries.stages`), requests
     and limits, GPUs, node selector, tolerations, /dev/shm, the workspace PVC, secrets
     as environment variables, the run id and the image reference. (`cache_worker` gets
-    the cache stage's resources and no workspace; `cache_merge` no resources of its
+    the cache stage's resources; `cache_merge` no resources of its
     own; `workspace` a small request and no mounts.)"""
     from kfp import kubernetes
 
@@ -241,8 +244,10 @@ def place(task, stage: str, params: Params) -> None:
     kubernetes.use_field_path_as_env(
         task, env_name="T2I_RUN_ID", field_path="metadata.labels['pipeline/runid']"
     )
-    if p.workspace_pvc and stage in (*WORKSPACE_STAGES, "cache_merge"):
+    if p.workspace_pvc and stage in WORKSPACE_STAGES:
         kubernetes.mount_pvc(task, pvc_name=p.workspace_pvc, mount_path=p.workspace_path)
+        # Weights' sha256 by stat, kept across pods (a resume hashes nothing unchanged).
+        task.set_env_variable("T2I_HASH_CACHE", f"{p.workspace_path}/.hashes")
     if p.data_pvc and stage in DATA_STAGES:
         kubernetes.mount_pvc(task, pvc_name=p.data_pvc, mount_path=p.data_path)
     for secret_name, to_env in _secrets(p, stage):

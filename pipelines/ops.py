@@ -83,6 +83,7 @@ def cache_op(
 
 
 def cache_worker_op(
+    workspace: str,
     cache_params: str,
     worker_index: int,
     num_workers: int,
@@ -97,6 +98,7 @@ def cache_worker_op(
 
 def cache_merge_op(
     workspace: str,
+    cache_params: str,
     num_workers: int,
     shards: Input[Dataset],
     parts: Input[List[Dataset]],  # noqa: UP006

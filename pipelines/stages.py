@@ -165,9 +165,10 @@ def fingerprint(
     data: DataConfig = sections["data"]
     config = {s: sections[s].model_dump() for s in TRAINED_FROM}
     config["data"].pop("source")  # the content is the fingerprint's; the place may move
+    config["data"].pop("fingerprint")  # how it is computed, not what the model learns
     run_key = {
         "source": data.dataset_name or source,
-        "data_fingerprint": source_fingerprint(source, data),
+        "data_fingerprint": source_fingerprint(source, data, source_index(ctx, source)),
         "config_sha256": sha256_json(config),
         "publish_sha256": sha256_json(sections["publish"].model_dump()),
     }
@@ -240,13 +241,20 @@ def _latest(publish: PublishConfig, ctx: Context):
     return latest_published(_registry_here(publish, ctx))
 
 
-def source_fingerprint(source: str, data: DataConfig) -> str:
-    """The data's content fingerprint: of `source`, or of `data.dataset_name`."""
+def source_fingerprint(source: str, data: DataConfig, index: Path | None = None) -> str:
+    """The data's content fingerprint: of `source` (a local folder through its stat
+    `index`, unless `data.fingerprint: content`), or of `data.dataset_name`."""
     from components.common import remote
 
     if data.dataset_name:
         return _dataset_fingerprint(data)
-    return remote.fingerprint(source)
+    return remote.fingerprint(source, index, trust_stat=data.fingerprint == "stat")
+
+
+def source_index(ctx: Context, source: str) -> Path | None:
+    """Where a local source's stat index lives on the workspace (the data may be on a
+    read-only volume): the fingerprint task and pack share it."""
+    return ctx.workspace / "index" / f"{sha256_json(source)[:16]}.json" if ctx.workspace else None
 
 
 def decide(key: dict[str, Any], last, retrain: str) -> tuple[bool, str]:
@@ -306,12 +314,15 @@ def pack(
 
     out = Path(shards.path)
     sources = ctx.store("sources", source)
-    store = ctx.store("pack", [source, data.model_dump(), pack.model_dump()])
+    store = ctx.store("pack", [source, data.model_dump(exclude={"fingerprint"}), pack.model_dump()])
     with _locked(sources), _locked(store), _scratch(sources) as staging:
         local = Path(source) if data.dataset_name else remote.fetch(source, staging)
         name = data.dataset_name or source
-        report = stage.run(data, pack, local, store or out, source_name=name)
-        _mirror(store or out, out)
+        # A path: the index the fingerprint task just filled; a fetched copy: its own.
+        index = source_index(ctx, source if str(local) == source else f"copy of {source}")
+        report = stage.run(data, pack, local, store or out, source_name=name, index=index,
+                           keep_unlisted=store is not None)  # fmt: skip
+        _by_reference(ctx, "pack", store, out, extra=("rejected.jsonl",))
     shards.metadata.update(source=source, samples=report.kept, data_fingerprint=data_key)
     ctx.note("pack", "done", report.summary(), written=report.written, shards=report.shards)
     say("pack", report.summary())
@@ -323,7 +334,7 @@ def cache(ctx: Context, processes: int, cache: CacheConfig, shards, base_model, 
     from components import cache_latents as stage
 
     out = Path(latents.path)
-    store = ctx.store("cache", [_packed_source(Path(shards.path)), cache.model_dump()])
+    store = _cache_store(ctx, shards, cache)
     with _locked(store):
         if processes > 1:
             args = ["--shards", shards.path, "--model", base_model.path, "--out", str(store or out)]
@@ -331,9 +342,10 @@ def cache(ctx: Context, processes: int, cache: CacheConfig, shards, base_model, 
             line = f"cached with {processes} processes"
             encoded = None
         else:
-            report = stage.run(cache, Path(shards.path), Path(base_model.path), store or out)
+            report = stage.run(cache, Path(shards.path), Path(base_model.path), store or out,
+                               keep_unlisted=store is not None)  # fmt: skip
             line, encoded = report.summary(), report.shards_encoded
-        _mirror(store or out, out)
+        _by_reference(ctx, "cache", store, out)
     ctx.note("cache", "done", line, encoded=encoded)
     say("cache", line)
 
@@ -359,25 +371,44 @@ def _torchrun(command: str, processes: int, sections: dict, args: list[str]) -> 
 def cache_worker(
     ctx: Context, cache: CacheConfig, worker_index: int, num_workers: int, shards, base_model, part
 ) -> None:
+    """Encode shards i, i+n, ... With a workspace, into the cache task's store (the
+    workers' shard files never collide; their part files are merged there) and the
+    `part` artifact holds only the part file; without one, into `part`."""
     from components import cache_latents as stage
 
-    # Workers write their own part (the workspace store serves the single cache task).
+    store = _cache_store(ctx, shards, cache)
+    out = store or Path(part.path)
     report = stage.run(
-        cache, Path(shards.path), Path(base_model.path), Path(part.path), worker_index, num_workers
+        cache, Path(shards.path), Path(base_model.path), out, worker_index, num_workers
     )
+    if store is not None:
+        name = f"part-{worker_index:04d}-of-{num_workers:04d}.json"
+        Path(part.path).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(store / name, Path(part.path) / name)
     say("cache_worker", report.summary())
 
 
-def cache_merge(ctx: Context, num_workers: int, shards, parts, latents) -> None:
+def cache_merge(ctx: Context, cache: CacheConfig, num_workers: int, shards, parts, latents) -> None:
     from components import cache_latents as stage
 
     out = Path(latents.path)
-    for part in parts:
-        _mirror(Path(part.path), out)
-    manifest = stage.merge(Path(shards.path), out, count=num_workers)
+    store = _cache_store(ctx, shards, cache)  # where the workers wrote, with a workspace
+    if store is not None:
+        with _locked(store):
+            manifest = stage.merge(Path(shards.path), store, count=num_workers, keep_unlisted=True)
+            _by_reference(ctx, "cache", store, out)
+    else:
+        for part in parts:
+            _mirror(Path(part.path), out)
+        manifest = stage.merge(Path(shards.path), out, count=num_workers)
     line = f"merged {len(manifest.shards)} latent shards from {num_workers} workers"
     ctx.note("cache", "done", line)
     say("cache_merge", line)
+
+
+def _cache_store(ctx: Context, shards, cache: CacheConfig) -> Path | None:
+    """The workspace's store for these shards and this cache config (None without one)."""
+    return ctx.store("cache", [_packed_source(Path(shards.path)), cache.model_dump()])
 
 
 def check(
@@ -776,6 +807,27 @@ def _scratch(folder: Path | None) -> Iterator[Path]:
         return
     with tempfile.TemporaryDirectory(prefix="t2i-source-") as tmp:
         yield Path(tmp)
+
+
+def _by_reference(ctx: Context, stage: str, store: Path | None, out: Path, extra=()) -> None:
+    """The output artifact of a stage that wrote into the workspace's `store`: this
+    run's manifest and where the shards are (`store.json`), not a copy of the shards,
+    so a run uploads and every consumer downloads kilobytes, whatever the data's size.
+    Without a workspace the stage wrote into `out` itself. The manifest is also kept
+    under the run's notes, for `t2i store gc`."""
+    from components.common.records import write_store_ref
+
+    if store is None:
+        return
+    write_store_ref(out, store, store / "manifest.json")
+    for name in extra:
+        if (store / name).is_file():
+            shutil.copyfile(store / name, out / name)
+    run_dir = ctx.run_dir()
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(store / "manifest.json", run_dir / f"{stage}-manifest.json")
+        write_json_atomic(run_dir / f"{stage}-store.json", {"store": str(store)})
 
 
 def _mirror(src: Path, dst: Path) -> None:

@@ -123,7 +123,11 @@ def manifest(params: Params, name: str, args: list[str], namespace: str | None =
         quantities["memory"] = res.memory
     if res.gpus:
         quantities[res.accelerator] = str(res.gpus)
-    env = [{"name": "T2I_IMAGE", "value": p.image}, {"name": "PYTHONUNBUFFERED", "value": "1"}]
+    env = [
+        {"name": "T2I_IMAGE", "value": p.image},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": "T2I_HASH_CACHE", "value": f"{p.workspace_path}/.hashes"},
+    ]
     if "@" in p.image:
         env.append({"name": "T2I_IMAGE_DIGEST", "value": p.image.split("@", 1)[1]})
     if p.hf_token_secret:

@@ -2,6 +2,7 @@
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Outputs' sha256 by stat (components/common/stat_index.py): never the user's ~/.cache.
+os.environ.setdefault("T2I_HASH_CACHE", tempfile.mkdtemp(prefix="t2i-test-hashes-"))
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "data"))

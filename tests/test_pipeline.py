@@ -183,8 +183,14 @@ def test_cache_workers_compile_to_a_parallel_for_and_a_merge(tmp_path):
     worker = spec["deploymentSpec"]["executors"]["exec-cache-worker-op"]["container"]
     assert worker["resources"]["accelerator"]["resourceCount"] == "1"  # each worker: a GPU
     k8s = k8s_of(platform)
-    assert "pvcMount" not in k8s["exec-cache-worker-op"]  # workers write their own part
-    assert "pvcMount" in k8s["exec-cache-merge-op"]  # the merge leaves the run's note
+    # Shards are by reference, and the workers write into the workspace's store.
+    assert "pvcMount" in k8s["exec-cache-worker-op"]
+    assert "pvcMount" in k8s["exec-cache-merge-op"]  # it merges there, and leaves a note
+    with pytest.raises(ConfigError, match="cache_workers > 1 needs a ReadWriteMany"):
+        load_params(
+            REPO / "params.yaml",
+            ["pipeline.cache_workers=4", "pipeline.workspace_create={storage_class: fast}"],
+        )
 
 
 def test_stage_resources_gpus_node_selectors_tolerations_shm_and_retries(tmp_path):

@@ -27,7 +27,7 @@ import torch
 from components.cache_latents.encode import LatentEncoder
 from components.common.config import CacheConfig
 from components.common.errors import T2IError
-from components.common.io import check_sha, sha256_file, sha256_json, write_json_atomic
+from components.common.io import check_sha, sha256_json, write_json_atomic
 from components.common.progress import progress
 from components.common.records import (
     LATENT_MANIFEST,
@@ -36,9 +36,11 @@ from components.common.records import (
     PackManifest,
     pack_lineage,
     read_pack_manifest,
+    shard_root,
     write_record,
 )
 from components.common.shards import write_shard
+from components.common.stat_index import StatIndex
 
 MANIFEST = LATENT_MANIFEST
 RECEIPT = ".json"  # suffix of the receipt beside each latent shard
@@ -66,12 +68,15 @@ def run(
     out: Path,
     worker_index: int | None = None,
     num_workers: int | None = None,
+    keep_unlisted: bool = False,
 ) -> CacheReport:
     """Encode the shards listed in `shards`/manifest.json that this worker owns.
 
     Alone (the default), every shard is encoded and the manifest written. With
     `worker_index`/`num_workers`, only shard i, i+n, ... and a part file; `merge`
-    writes the manifest once all parts exist. Under `accelerate launch`/`torchrun`
+    writes the manifest once all parts exist. `keep_unlisted`: `out` is a store whose
+    other latent shards earlier manifests may name (kept for `t2i store gc`). Under
+    `accelerate launch`/`torchrun`
     (WORLD_SIZE > 1) each process takes its rank's shards on its own device and
     the main process merges. Raises T2IError for a missing manifest or model, a
     shard whose checksum does not match, or samples that cannot be encoded (named
@@ -91,10 +96,10 @@ def run(
     if state is not None:
         state.wait_for_everyone()
         if state.is_main_process:
-            merge(Path(shards), Path(out))
+            merge(Path(shards), Path(out), keep_unlisted=keep_unlisted)
         state.wait_for_everyone()
     elif num_workers is None:
-        merge(Path(shards), Path(out), count=1)
+        merge(Path(shards), Path(out), count=1, keep_unlisted=keep_unlisted)
     return report
 
 
@@ -108,13 +113,17 @@ def encode_part(
     encoder = LatentEncoder(model, cfg, device, max_aspect)
     jobs = [_job(shard.model_dump(), encoder.model_key) for shard in packed.shards][index::count]
     out.mkdir(parents=True, exist_ok=True)
-    todo = [j for j in jobs if not _committed(out, j)]
+    hashes = StatIndex.outside(out)  # what was verified: not read again while unchanged
+    todo = [j for j in jobs if not _committed(out, j, hashes)]
     total = sum(j["samples"] for j in todo)
     failed: list[str] = []
     started = time.perf_counter()
     with progress(total, f"cache {index + 1}/{count}", "img", disable=not todo) as bar:
-        for job in todo:
-            failed += _encode_job(job, encoder, shards, out, bar)
+        try:
+            for job in todo:
+                failed += _encode_job(job, encoder, shards, out, bar, hashes)
+        finally:
+            hashes.save()
     rate = total / max(time.perf_counter() - started, 1e-9)
     if failed:
         raise T2IError(
@@ -135,7 +144,9 @@ def encode_part(
     return CacheReport(sum(j["samples"] for j in jobs), len(todo), len(jobs) - len(todo), rate)
 
 
-def merge(shards: Path, out: Path, count: int | None = None) -> LatentManifest:
+def merge(
+    shards: Path, out: Path, count: int | None = None, keep_unlisted: bool = False
+) -> LatentManifest:
     """Write `manifest.json` from the `count` workers' part files (default: as many as
     the newest part names); delete every file the manifest does not list.
 
@@ -170,6 +181,8 @@ def merge(shards: Path, out: Path, count: int | None = None) -> LatentManifest:
         buckets=loaded[0].get("buckets"),
     )
     write_record(manifest, out / MANIFEST)
+    if keep_unlisted:
+        return manifest
     listed = {MANIFEST} | {e.name for e in manifest.shards}
     listed |= {e.name + RECEIPT for e in manifest.shards}
     for path in out.iterdir():  # only what this stage writes: never a user's file
@@ -186,25 +199,30 @@ def _job(shard: dict, model_key: dict) -> dict:
     return {**shard, "key": key, "file": f"{Path(shard['name']).stem}.{key[:16]}.tar"}
 
 
-def _committed(out: Path, job: dict) -> bool:
-    """The shard exists, with a receipt for this key whose sha256 still matches."""
+def _committed(out: Path, job: dict, hashes: StatIndex) -> bool:
+    """The shard exists, with a receipt for this key whose sha256 still matches (read
+    only when the shard's stat changed since it was last hashed)."""
     try:
         receipt = json.loads((out / (job["file"] + RECEIPT)).read_text())
-        return receipt["key"] == job["key"] and sha256_file(out / job["file"]) == receipt["sha256"]
+        return (
+            receipt["key"] == job["key"] and hashes.sha256(out / job["file"]) == receipt["sha256"]
+        )
     except (OSError, ValueError, KeyError):
         return False
 
 
-def _encode_job(job: dict, encoder: LatentEncoder, shards: Path, out: Path, bar) -> list[str]:
-    check_sha(shards / job["name"], job["sha256"])
-    records, failed = encoder.encode_shard(shards / job["name"], bar)
+def _encode_job(
+    job: dict, encoder: LatentEncoder, shards: Path, out: Path, bar, hashes: StatIndex
+) -> list[str]:
+    shard = shard_root(shards) / job["name"]
+    check_sha(shard, job["sha256"])  # read anyway, to be encoded
+    records, failed = encoder.encode_shard(shard, bar)
     if failed:
         return failed
     if len(records) != job["samples"]:
-        raise T2IError(
-            f"{shards / job['name']}: {len(records)} samples, manifest says {job['samples']}"
-        )
+        raise T2IError(f"{shard}: {len(records)} samples, manifest says {job['samples']}")
     receipt = {"key": job["key"], "sha256": write_shard(out / job["file"], records)}
+    hashes.record(out / job["file"], receipt["sha256"])  # train's start reads nothing
     if encoder.buckets:
         index = {tuple(b): i for i, b in enumerate(encoder.buckets)}
         receipt["sample_buckets"] = [index[tuple(json.loads(r["json"])["bucket"])] for r in records]

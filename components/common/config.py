@@ -31,6 +31,11 @@ class DataConfig(Section):
     dataset_name: str | None = None
     dataset_config_name: str | None = None
     dataset_split: str = "train"
+    # How a local folder's content is fingerprinted on a scheduled run (and pack's
+    # per-file hashes): stat (a file whose size, mtime and inode are unchanged since it
+    # was hashed keeps its hash: a file rewritten in place with the same size and
+    # mtime is missed) or content (every byte read, every time).
+    fingerprint: Literal["stat", "content"] = "stat"
 
 
 class ModelConfig(Section):
@@ -548,13 +553,22 @@ class PipelineConfig(Section):
                     "resources.train.nodes > 1 needs pipeline.workspace_pvc: the nodes share "
                     "the latents, the base model and the checkpoints on it"
                 )
-            claim = self.workspace_create
-            if claim is not None and claim.access_mode != "ReadWriteMany":
-                raise ValueError(
-                    "resources.train.nodes > 1 needs a ReadWriteMany workspace (every node "
-                    "mounts it): set workspace_create.access_mode: ReadWriteMany"
-                )
+        claim = self.workspace_create
+        if claim is not None and claim.access_mode != "ReadWriteMany" and self.shared_workspace:
+            what = "resources.train.nodes > 1" if many else "cache_workers > 1"
+            raise ValueError(
+                f"{what} needs a ReadWriteMany workspace (pods on several nodes mount it at "
+                "once): set workspace_create.access_mode: ReadWriteMany"
+            )
         return self
+
+    @property
+    def shared_workspace(self) -> bool:
+        """Whether pods on several nodes mount the workspace at once (train nodes, or
+        the cache workers writing into its store)."""
+        return bool(self.workspace_pvc) and (
+            self.resources["train"].nodes > 1 or self.cache_workers > 1
+        )
 
     @field_validator("image")
     @classmethod

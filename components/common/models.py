@@ -80,9 +80,8 @@ def weights_sha256(path: Path, part: str) -> str:
     import hashlib
     import json
 
-    from components.common.io import sha256_file
-
     folder = check_model_dir(path, (part,)) / part
+    hashes = _weights_index(folder)
     h = hashlib.sha256()
     for file in sorted(p for p in folder.rglob("*") if p.is_file()):
         h.update(file.relative_to(folder).as_posix().encode() + b"\0")
@@ -92,8 +91,17 @@ def weights_sha256(path: Path, part: str) -> str:
                 config = {k: v for k, v in config.items() if k not in _PROVENANCE_KEYS}
             h.update(json.dumps(config, sort_keys=True).encode())
         else:
-            h.update(sha256_file(file).encode())
+            h.update(hashes.sha256(file).encode())
+    hashes.save()
     return h.hexdigest()
+
+
+def _weights_index(folder: Path):
+    """A stat index of a model part's files, kept outside the model folder (never copied
+    or published with it; see `StatIndex.outside`)."""
+    from components.common.stat_index import StatIndex
+
+    return StatIndex.outside(folder)
 
 
 _PROVENANCE_KEYS = {"_name_or_path", "_diffusers_version", "transformers_version"}

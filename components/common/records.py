@@ -31,7 +31,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from components.common.errors import T2IError
-from components.common.io import check_sha, write_json_atomic
+from components.common.io import write_json_atomic
 
 SCHEMA_VERSION = 1
 
@@ -42,6 +42,36 @@ TRAIN_RECORD = "training_record.json"
 EVALUATION_RECORD = "evaluation.json"
 RECEIPT = "receipt.json"
 LINEAGE = "lineage.json"
+
+
+STORE_REF = "store.json"  # in an output that holds manifests only: where its shards are
+
+
+def shard_root(folder: Path) -> Path:
+    """Where the shards a manifest in `folder` names are: `folder` itself, or, for an
+    output by reference (a pipeline's workspace store: `store.json` beside the
+    manifest), the store's folder. T2IError when that store is gone."""
+    ref = Path(folder) / STORE_REF
+    if not ref.is_file():
+        return Path(folder)
+    store = Path(json.loads(ref.read_text())["store"])
+    if not store.is_dir():
+        raise T2IError(
+            f"{folder}: its shards live in {store}, which is not there (is the workspace "
+            "mounted? was it garbage-collected?); re-run the stage that wrote them"
+        )
+    return store
+
+
+def write_store_ref(folder: Path, store: Path, manifest: Path) -> None:
+    """Make `folder` (an output artifact) an output by reference: a copy of the store's
+    `manifest` (this run's, which the store's own will move on from) and where the
+    shards are."""
+    import shutil
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(manifest, Path(folder) / manifest.name)
+    write_json_atomic(Path(folder) / STORE_REF, {"store": str(Path(store).resolve())})
 
 
 class Record(BaseModel):
@@ -168,11 +198,31 @@ def read_latent_manifest(latents: Path) -> LatentManifest:
 
 def verify_latents(latents: Path, split: str | None = None) -> LatentManifest:
     """Check every listed latent shard's sha256 (of `split`, or all); return the manifest.
-    T2IError naming the first shard that is missing or changed."""
+    T2IError naming the first shard that is missing or changed.
+
+    A shard is hashed once (cache records the sha256 of each shard it writes): its
+    sha256 is kept with its size, mtime and inode in the hash cache
+    (`StatIndex.outside`), and a later start or resume, on any rank, trusts a shard
+    whose stat is unchanged. A shard written again (a flipped byte included) has
+    another mtime and is hashed, and caught, again."""
+    from components.common.stat_index import StatIndex
+
     manifest = read_latent_manifest(latents)
-    for shard in manifest.shards:
-        if split is None or shard.split == split:
-            check_sha(Path(latents) / shard.name, shard.sha256)
+    root = shard_root(latents)
+    hashes = StatIndex.outside(root)
+    try:
+        for shard in manifest.shards:
+            if split is None or shard.split == split:
+                path = root / shard.name
+                if not path.is_file():
+                    raise T2IError(f"{path}: shard missing; re-run the stage that writes it")
+                if hashes.sha256(path) != shard.sha256:
+                    hashes.forget(path)
+                    raise T2IError(
+                        f"{path}: sha256 does not match the manifest (corrupt or changed shard)"
+                    )
+    finally:
+        hashes.save()
     return manifest
 
 
@@ -189,7 +239,7 @@ def load_latent_split(latents: Path, split: str) -> list[dict[str, Any]]:
     for shard in manifest.shards:
         if shard.split != split:
             continue
-        for record in read_shard(Path(latents) / shard.name):
+        for record in read_shard(shard_root(latents) / shard.name):
             tensors = pick_caption(st_load(record["safetensors"]), 0)
             samples.append(
                 {k: v.float() if v.is_floating_point() else v.long() for k, v in tensors.items()}

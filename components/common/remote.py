@@ -26,7 +26,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from components.common.errors import ConfigError, T2IError, first_line
-from components.common.io import sha256_file, sha256_json, sha256_tree, write_json_atomic
+from components.common.io import sha256_json, write_json_atomic
 
 REMOTE_SCHEMES = ("s3", "gs", "gcs", "hf", "dvc")
 _EXTRAS = {"s3": "s3fs (pip install 't2i-pipeline[s3]')", "gs": "gcsfs ('t2i-pipeline[gcs]')"}
@@ -91,24 +91,46 @@ def _dvc_source(uri: str) -> Source:
     return Source(uri, fs, path.strip("/"))
 
 
-def fingerprint(uri: str) -> str:
+def fingerprint(uri: str, index: Path | None = None, trust_stat: bool = True) -> str:
     """The content fingerprint of `uri` (sha256 hex), computed where the data lives.
 
-    ConfigError when nothing is there; T2IError when the store cannot be read."""
+    A local folder or file is hashed file by file through a stat index (`index`, kept
+    beside the caller's state: a file whose size, mtime and inode are the recorded
+    ones keeps its recorded sha256; `trust_stat=False` reads every file). The same
+    digest as `sha256_tree` / `sha256_file`. ConfigError when nothing is there;
+    T2IError when the store cannot be read."""
     src = open_source(uri)
     if src.fs is None:
         path = Path(uri)
-        if path.is_dir():
-            return sha256_tree(path)
-        if path.is_file():
-            return sha256_file(path)
-        raise ConfigError(f"data.source {uri}: no such folder or file")
+        if not path.exists():
+            raise ConfigError(f"data.source {uri}: no such folder or file")
+        from components.common.stat_index import StatIndex
+
+        hashes = StatIndex(index, path if path.is_dir() else path.parent, trust_stat)
+        try:
+            if path.is_file():
+                return hashes.sha256(path)
+            return tree_digest(path, hashes.sha256)
+        finally:
+            hashes.save()
     info = _info(src, src.path)
     if src.scheme == "dvc":
         md5 = info.get("md5") or (info.get("dvc_info") or {}).get("md5")
         if md5:  # a tracked directory (or file): its md5 at the revision, nothing read
             return sha256_json({"dvc_md5": md5})
     return sha256_json(sorted(listing(src, info).items()))
+
+
+def tree_digest(root: Path, sha256_of) -> str:
+    """`sha256_tree`'s digest, each file's sha256 from `sha256_of(path)`."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
+        h.update(path.relative_to(root).as_posix().encode())
+        h.update(b"\0")
+        h.update(sha256_of(path).encode())
+    return h.hexdigest()
 
 
 def listing(src: Source, info: dict[str, Any] | None = None) -> dict[str, str]:

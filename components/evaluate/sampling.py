@@ -18,7 +18,7 @@ from PIL import Image
 from components.common.captions import split_captions
 from components.common.config import EvaluateConfig
 from components.common.errors import ConfigError
-from components.common.records import read_pack_manifest
+from components.common.records import read_pack_manifest, shard_root
 from components.common.shards import read_shard
 
 SCHEDULERS = {
@@ -85,7 +85,7 @@ def heldout_images(shards: Path | None, cfg: EvaluateConfig, resolution: int) ->
     records = []
     for shard in manifest.shards:
         if shard.split == "val":
-            records += [(r["__key__"], r) for r in read_shard(Path(shards) / shard.name)]
+            records += [(r["__key__"], r) for r in read_shard(shard_root(shards) / shard.name)]
     if len(records) < cfg.heldout_captions:
         raise ConfigError(heldout_shortfall(cfg, len(records)))
     records.sort(key=lambda kr: kr[0])

@@ -31,14 +31,17 @@ from components.common.io import write_bytes_atomic
 from components.common.progress import progress
 from components.common.records import PACK_MANIFEST, PackManifest
 from components.common.shards import write_shard
+from components.common.stat_index import StatIndex
 from components.pack_shards.decode import Packed, pack_sample
 from components.pack_shards.plan import (
     Plan,
     PreviousPack,
+    blob_sha256,
     fingerprint,
     fingerprints,
     plan_pack,
     read_image_bytes,
+    whole_file,
 )
 from components.pack_shards.sources import Sample, list_samples
 
@@ -72,11 +75,22 @@ class PackReport:
 
 
 def run(
-    data: DataConfig, cfg: PackConfig, source: Path, out: Path, source_name: str | None = None
+    data: DataConfig,
+    cfg: PackConfig,
+    source: Path,
+    out: Path,
+    source_name: str | None = None,
+    index: Path | None = None,
+    keep_unlisted: bool = False,
 ) -> PackReport:
     """Pack `source` (any supported format) into shards under `out`, incrementally.
     `source_name` is how the lineage names the source (default: the dataset id or the
-    path; a pipeline gives the URI it fetched `source` from).
+    path; a pipeline gives the URI it fetched `source` from). `index`: the source's
+    stat index (`components/common/stat_index.py`), so that unchanged files are not
+    read again to tell what changed (`data.fingerprint: content` reads them all).
+    `keep_unlisted`: `out` is a store that earlier manifests (a pipeline's cached
+    outputs, published lineage) may still name: shards the new manifest drops are kept
+    for `t2i store gc`, not deleted.
 
     Raises ConfigError for a missing/empty source or a missing column, and T2IError
     when the rejected fraction exceeds `pack.max_reject_fraction` (the previous
@@ -84,26 +98,33 @@ def run(
     """
     out = Path(out)
     fmt, samples = list_samples(Path(source), data)
+    root = Path(source) if Path(source).is_dir() else Path(source).parent
+    hashes = StatIndex(index, root, data.fingerprint == "stat") if index else None
     try:
         name = source_name or _source_name(Path(source), data)
-        return _pack(data, cfg, Path(source), out, fmt, samples, name)
+        return _pack(data, cfg, Path(source), out, fmt, samples, name, hashes, keep_unlisted)
     finally:  # the workers' spool files, whatever happened
         for spool in out.glob(".spool-*"):
             spool.unlink()
+        if hashes is not None:
+            hashes.save()
 
 
 def _pack(
-    data, cfg, source: Path, out: Path, fmt: str, samples: list[Sample], name: str
+    data, cfg, source, out: Path, fmt: str, samples: list[Sample], name: str, hashes, keep
 ) -> PackReport:
     previous = PreviousPack.load(out, cfg, fmt)
     # Nothing to compare with: every sample is processed and the workers, which read
     # the bytes anyway, fingerprint them. Otherwise fingerprints decide what to redo.
-    fps = {} if previous.empty else fingerprints(samples)
+    fps = {} if previous.empty else fingerprints(samples, hashes)
     todo = samples if previous.empty else previous.todo(samples, fps)
     started = time.perf_counter()
     fresh = {}
-    for sample, (fp, result) in zip(todo, process(todo, cfg, out), strict=True):
+    for sample, (fp, result, blob) in zip(todo, process(todo, cfg, out), strict=True):
         fps[sample.key], fresh[sample.key] = fp, result
+        path = whole_file(sample) if hashes is not None else None
+        if path is not None and blob not in (None, "unreadable"):
+            hashes.record(path, blob)  # read once here: not again on the next run
     rate = len(todo) / max(time.perf_counter() - started, 1e-9)
     plan = plan_pack(samples, fps, previous, fresh, cfg)
 
@@ -118,7 +139,8 @@ def _pack(
     manifest = plan.manifest(fmt, cfg, written, name, data.dataset_name)
     _write_if_changed(out / REJECTED, plan.rejected_jsonl())
     _write_if_changed(out / MANIFEST, _json_bytes(manifest.model_dump(mode="json")))
-    remove_unlisted(out, manifest)
+    if not keep:
+        remove_unlisted(out, manifest)
     return PackReport(
         kept=sum(manifest.samples.values()),
         rejected=manifest.rejected_by_reason,
@@ -131,9 +153,11 @@ def _pack(
     )
 
 
-def process(todo: list[Sample], cfg: PackConfig, out: Path) -> Iterator[tuple[str, Packed | str]]:
-    """(fingerprint, record or rejection) for each of `todo`, in order, computed in
-    worker processes, with a progress bar.
+def process(
+    todo: list[Sample], cfg: PackConfig, out: Path
+) -> Iterator[tuple[str, Packed | str, str | None]]:
+    """(fingerprint, record or rejection, image sha256) for each of `todo`, in order,
+    computed in worker processes, with a progress bar.
 
     Workers append the encoded bytes to a spool file of their own in `out` and send
     back offsets: piping every ~100 KB record through the pool cost the light case
@@ -175,11 +199,11 @@ def _init_worker(cfg: PackConfig, out: Path) -> None:
     _WORKER["spool"] = Spool(out / f".spool-{os.getpid()}")
 
 
-def _pack_in_worker(sample: Sample) -> tuple[str, Packed | str]:
-    fp, result = fingerprint_and_pack(sample, _WORKER["cfg"])
+def _pack_in_worker(sample: Sample) -> tuple[str, Packed | str, str | None]:
+    fp, result, blob = fingerprint_and_pack(sample, _WORKER["cfg"])
     if isinstance(result, Packed):
         result.record = _WORKER["spool"].put(result.record)
-    return fp, result
+    return fp, result, blob
 
 
 class Spool:
@@ -219,9 +243,11 @@ def _materialise(record: dict, files: dict) -> dict[str, bytes]:
     return {k: v.read(files) if isinstance(v, SpoolRef) else v for k, v in record.items()}
 
 
-def fingerprint_and_pack(sample: Sample, cfg: PackConfig) -> tuple[str, Packed | str]:
-    data = read_image_bytes(sample)  # read once, for both
-    return fingerprint(sample, data), pack_sample(sample, cfg, data)
+def fingerprint_and_pack(sample: Sample, cfg: PackConfig) -> tuple[str, Packed | str, str | None]:
+    """(fingerprint, record or rejection, the image bytes' sha256), from one read."""
+    data = read_image_bytes(sample)  # read once, for all three
+    blob = blob_sha256(data)
+    return fingerprint(sample, data, blob), pack_sample(sample, cfg, data), blob
 
 
 def write_plan(plan: Plan, previous: PreviousPack, fresh: dict, out: Path) -> dict[str, dict]:
@@ -231,6 +257,7 @@ def write_plan(plan: Plan, previous: PreviousPack, fresh: dict, out: Path) -> di
     from an old shard are copied from it, never decoded again.
     """
     written, spools = {}, {}
+    hashes = StatIndex.outside(out)  # the next run's check of these shards reads nothing
     serial = max(previous.next_serial, _max_serial(out) + 1)
     for shard in plan.to_write:
         name = f"{shard.split}-{serial:06d}.tar"
@@ -245,6 +272,7 @@ def write_plan(plan: Plan, previous: PreviousPack, fresh: dict, out: Path) -> di
                 else copied[member["key"]]
             )
         sha256 = write_shard(out / name, records)
+        hashes.record(out / name, sha256)
         write_bytes_atomic(out / (name + INDEX_SUFFIX), _json_bytes(shard.members))
         written[name] = {
             "name": name,
@@ -255,6 +283,7 @@ def write_plan(plan: Plan, previous: PreviousPack, fresh: dict, out: Path) -> di
         }
     for f in spools.values():
         f.close()
+    hashes.save()
     if written:
         plan.next_serial = serial
     return written

@@ -16,9 +16,10 @@ from pathlib import Path
 
 from components.common.config import PackConfig
 from components.common.errors import T2IError
-from components.common.io import sha256_file, sha256_json
+from components.common.io import sha256_json
 from components.common.records import PACK_MANIFEST, PackManifest, read_pack_manifest
 from components.common.shards import read_shard
+from components.common.stat_index import StatIndex
 from components.pack_shards.decode import Packed
 from components.pack_shards.sources import Sample
 
@@ -48,13 +49,18 @@ def read_image_bytes(sample: Sample) -> bytes | OSError | None:
         return e
 
 
-def fingerprint(sample: Sample, data: bytes | OSError | None) -> str:
-    """Hash of the image bytes, the raw caption and any listing problem."""
-    blob = None
+def blob_sha256(data: bytes | OSError | None) -> str | None:
+    """The image bytes' sha256 ("unreadable" for a read error, None for no image)."""
     if isinstance(data, OSError):
-        blob = "unreadable"
-    elif data is not None:
-        blob = hashlib.sha256(data).hexdigest()
+        return "unreadable"
+    return hashlib.sha256(data).hexdigest() if data is not None else None
+
+
+def fingerprint(sample: Sample, data: bytes | OSError | None, blob: str | None = "") -> str:
+    """Hash of the image bytes (or their sha256 `blob`, when known), the raw caption and
+    any listing problem."""
+    if blob == "":
+        blob = blob_sha256(data)
     caption = sample.caption
     if isinstance(caption, bytes):
         caption = "b:" + caption.hex()
@@ -63,10 +69,25 @@ def fingerprint(sample: Sample, data: bytes | OSError | None) -> str:
     return sha256_json([blob, caption, sample.problem])[:32]
 
 
-def fingerprints(samples: list[Sample]) -> dict[str, str]:
-    """{key: fingerprint} of every sample (files are read in threads)."""
+def whole_file(sample: Sample) -> Path | None:
+    """The file a sample's image is, when it is a whole file (not a tar member, a row)."""
+    blob = sample.blob
+    if blob is None or blob.data is not None or blob.path is None:
+        return None
+    return Path(blob.path) if blob.offset == 0 and blob.size < 0 else None
+
+
+def fingerprints(samples: list[Sample], hashes=None) -> dict[str, str]:
+    """{key: fingerprint} of every sample (files are read in threads). With `hashes` (a
+    `StatIndex`), a whole-file image whose stat is unchanged is not read at all."""
 
     def one(sample: Sample) -> tuple[str, str]:
+        path = whole_file(sample) if hashes is not None else None
+        if path is not None:
+            try:
+                return sample.key, fingerprint(sample, None, hashes.sha256(path))
+            except OSError as e:
+                return sample.key, fingerprint(sample, e)
         return sample.key, fingerprint(sample, read_image_bytes(sample))
 
     with ThreadPoolExecutor(8) as pool:  # hashlib and file reads release the GIL
@@ -100,21 +121,31 @@ class PreviousPack:
         prev.next_serial = manifest.next_serial
         if manifest.pack_config != identity(cfg) or manifest.format != fmt:
             return prev  # a different recipe: rebuild everything (under new serials)
+        # A shard is read to be verified only when its stat changed since it was hashed.
+        hashes = StatIndex.outside(prev.out)
+        try:
+            prev._trust(manifest, hashes)
+        finally:
+            hashes.save()
+        prev.rejected = _read_rejected(prev.out / "rejected.jsonl")
+        return prev
+
+    def _trust(self, manifest: PackManifest, hashes: StatIndex) -> None:
+        """Take in each listed shard that still matches its sha256, with its members."""
         for entry in manifest.shards:
-            index = prev.out / (entry.name + ".index.json")
-            path = prev.out / entry.name
+            index = self.out / (entry.name + ".index.json")
+            path = self.out / entry.name
             try:
-                if sha256_file(path) != entry.sha256:
+                if hashes.sha256(path) != entry.sha256:
+                    hashes.forget(path)
                     continue  # corrupt or changed shard: its samples are packed again
                 members = json.loads(index.read_text())
             except (OSError, ValueError):
                 continue
-            prev.shards[entry.name] = entry.model_dump()
-            prev.shard_members[entry.name] = members
+            self.shards[entry.name] = entry.model_dump()
+            self.shard_members[entry.name] = members
             for member in members:
-                prev.members[member["key"]] = (entry.name, member)
-        prev.rejected = _read_rejected(prev.out / "rejected.jsonl")
-        return prev
+                self.members[member["key"]] = (entry.name, member)
 
     def todo(self, samples: list[Sample], fps: dict[str, str]) -> list[Sample]:
         """Samples whose outcome is not known from the previous output."""
