@@ -156,6 +156,16 @@ def _publish(p, a):
     return publish.run(p.publish, a.model, a.eval, a.out).summary()
 
 
+def _store(p, a):
+    from pipelines.store import gc
+
+    workspace = Path(a.workspace or p.pipeline.workspace_path)
+    if not workspace.is_dir():
+        raise ConfigError(f"--workspace {workspace}: no such folder (the workspace, mounted)")
+    registry = Path(a.registry) if a.registry else None
+    return gc(workspace, a.keep_runs, registry, delete=a.delete)
+
+
 def _pipeline(p, a):
     from pipelines import commands
 
@@ -246,6 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
         eval="artifacts/eval",
         out="artifacts/publish",
     )
+    store = stage("store", _store, "the workspace's shard stores: garbage collection")
+    store.add_argument("action", choices=["gc"])
+    store.add_argument("--workspace", help="the workspace (default: pipeline.workspace_path)")
+    store.add_argument("--keep-runs", type=int, default=5, help="runs whose shards are kept")
+    store.add_argument("--registry", help="a registry folder: published versions' shards kept")
+    store.add_argument("--delete", action="store_true", help="delete (default: a dry run)")
     pipe = stage("pipeline", _pipeline, "compile, run locally, submit or schedule the KFP DAG")
     pipe.add_argument(
         "action", choices=["compile", "run-local", "submit", "schedule", "trainjob", "runtime"]

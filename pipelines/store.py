@@ -1,0 +1,107 @@
+"""The workspace's shard stores, and their garbage collection (`t2i store gc`).
+
+With a workspace, pack and cache write their shards once into content-keyed stores
+(`<workspace>/pack/<key>/`, `<workspace>/cache/<key>/`) and their KFP outputs are
+manifests that point there (`store.json`). Shards in a store are immutable: a serial or
+a cache key is never reused, and a run's new manifest never deletes a shard an earlier
+manifest named (a cached KFP output, a published version's lineage may name it). So
+the stores only grow, until this collects what nothing kept names:
+
+- each store's own, current `manifest.json`;
+- the manifests of the newest `keep_runs` runs (`runs/<run id>/<stage>-manifest.json`,
+  which the stages leave beside their notes);
+- every shard named in the lineage of a published version (`--registry`).
+
+Deleting a shard that a KFP cache entry older than the kept runs still names makes
+that cached output fail when used ("its shards live in ..."): keep as many runs as
+you may revert data to (or run with `pipeline.retrain: always` after a revert).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# What a store holds per shard: pack's shard and its index, cache's shard and receipt.
+_OWNED = (".tar", ".tar.index.json", ".tar.json")
+
+
+@dataclass
+class Collection:
+    keep: dict[Path, set[str]] = field(default_factory=dict)  # store -> shard names
+    delete: list[Path] = field(default_factory=list)
+    bytes: int = 0
+
+    def summary(self, deleted: bool) -> str:
+        verb = "deleted" if deleted else "would delete"
+        kept = sum(len(v) for v in self.keep.values())
+        return (
+            f"{verb} {len(self.delete)} files ({self.bytes / 1e6:.1f} MB) in {len(self.keep)} "
+            f"stores; {kept} shards kept"
+            + ("" if deleted else " (a dry run: --delete deletes them)")
+        )
+
+
+def collect(workspace: Path, keep_runs: int = 5, registry: Path | None = None) -> Collection:
+    """What `gc` would delete under `workspace`."""
+    workspace = Path(workspace)
+    stores = [p for kind in ("pack", "cache") for p in sorted((workspace / kind).glob("*"))
+              if p.is_dir()]  # fmt: skip
+    found = Collection({store: set() for store in stores})
+    for store in stores:
+        found.keep[store] |= _names(store / "manifest.json")
+    runs = sorted(
+        (p for p in (workspace / "runs").glob("*") if p.is_dir()),
+        key=lambda p: p.stat().st_mtime_ns,
+    )
+    for run in runs[-keep_runs:] if keep_runs else []:
+        for stage in ("pack", "cache"):
+            ref = run / f"{stage}-store.json"
+            if ref.is_file():
+                store = Path(json.loads(ref.read_text())["store"])
+                found.keep.setdefault(store, set()).update(_names(run / f"{stage}-manifest.json"))
+    published = _published_names(registry) if registry else set()
+    for store in stores:
+        for path in sorted(store.iterdir()):
+            if not path.is_file() or not path.name.endswith(_OWNED):
+                continue
+            shard = path.name.removesuffix(".index.json").removesuffix(".json")
+            if shard in found.keep[store] or shard in published:
+                continue
+            found.delete.append(path)
+            found.bytes += path.stat().st_size
+    return found
+
+
+def gc(workspace: Path, keep_runs: int = 5, registry: Path | None = None, delete=False) -> str:
+    """Collect, and with `delete` delete; the one-line summary (and, dry, the list)."""
+    found = collect(workspace, keep_runs, registry)
+    if delete:
+        for path in found.delete:
+            path.unlink(missing_ok=True)
+        return found.summary(True)
+    listed = "".join(f"  {p}\n" for p in found.delete)
+    return listed + found.summary(False)
+
+
+def _names(manifest: Path) -> set[str]:
+    if not manifest.is_file():
+        return set()
+    try:
+        return {s["name"] for s in json.loads(manifest.read_text()).get("shards", [])}
+    except (ValueError, KeyError, TypeError):
+        return set()
+
+
+def _published_names(registry: Path) -> set[str]:
+    """Every pack and latent shard a published version's lineage names."""
+    names: set[str] = set()
+    for lineage in Path(registry).glob("*/*/lineage.json"):
+        try:
+            doc = json.loads(lineage.read_text())
+        except ValueError:
+            continue
+        names |= {s["name"] for s in (doc.get("pack") or {}).get("shards", [])}
+        names |= {s["name"] for s in (doc.get("cache") or {}).get("shards", [])}
+    return names
