@@ -42,6 +42,7 @@ HF_TOKEN_STAGES = (
 STORAGE_STAGES = ("fingerprint", "pack", "publish")
 # Tasks whose job is an effect outside KFP: never served from KFP's cache.
 UNCACHED_STAGES = ("workspace", "fingerprint", "publish", "summary")
+SCRATCH = "/scratch"  # a stage's local disk, with resources.<stage>.ephemeral_storage
 
 
 def _json(section) -> str:
@@ -272,6 +273,19 @@ def place(task, stage: str, params: Params) -> None:
         kubernetes.add_toleration(
             task, key=t.key, operator=t.operator, value=t.value, effect=t.effect
         )
+    if resources.ephemeral_storage:
+        # KFP's IR has no ephemeral-storage request: the stage's local writes go to a
+        # volume of that size instead of the node's disk (no eviction under pressure).
+        kubernetes.add_ephemeral_volume(
+            task,
+            volume_name="scratch",
+            mount_path=SCRATCH,
+            access_modes=["ReadWriteOnce"],
+            size=resources.ephemeral_storage,
+            storage_class_name=p.scratch_storage_class,
+        )
+        task.set_env_variable("TMPDIR", SCRATCH)
+        task.set_env_variable("HF_HOME", f"{SCRATCH}/huggingface")
     if resources.shm_size:
         kubernetes.empty_dir_mount(
             task,

@@ -123,6 +123,8 @@ def manifest(params: Params, name: str, args: list[str], namespace: str | None =
         quantities["memory"] = res.memory
     if res.gpus:
         quantities[res.accelerator] = str(res.gpus)
+    if res.ephemeral_storage:
+        quantities["ephemeral-storage"] = res.ephemeral_storage
     env = [
         {"name": "T2I_IMAGE", "value": p.image},
         {"name": "PYTHONUNBUFFERED", "value": "1"},

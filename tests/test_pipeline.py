@@ -204,10 +204,19 @@ def test_stage_resources_gpus_node_selectors_tolerations_shm_and_retries(tmp_pat
             "pipeline.resources.train.tolerations="
             "[{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]",
             "pipeline.retries.count=3",
+            "pipeline.resources.pack.ephemeral_storage=500Gi",
+            "pipeline.scratch_storage_class=fast-local",
         ],
     )
     spec, platform = load(compile_pipeline(params, tmp_path / "p.yaml"))
     executors = spec["deploymentSpec"]["executors"]
+    # Local disk: a sized volume (KFP's IR has no ephemeral-storage request) as TMPDIR.
+    (scratch,) = k8s_of(platform)["exec-pack-op"]["genericEphemeralVolume"]
+    assert scratch["mountPath"] == "/scratch" and scratch["size"] == "500Gi"
+    assert scratch["storageClassName"] == "fast-local"
+    env = {e["name"]: e["value"] for e in executors["exec-pack-op"]["container"]["env"]}
+    assert env["TMPDIR"] == "/scratch" and env["HF_HOME"] == "/scratch/huggingface"
+    assert "genericEphemeralVolume" not in k8s_of(platform)["exec-cache-op"]
     train = executors["exec-train-op"]["container"]["resources"]
     assert train["accelerator"]["resourceType"] == "nvidia.com/gpu"
     assert train["accelerator"]["resourceCount"] == "4"

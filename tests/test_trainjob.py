@@ -60,7 +60,9 @@ def validate(kind: str, obj: dict) -> None:
 
 
 def test_the_trainjob_manifest_is_a_valid_v2_3_trainjob(tmp_path):
-    params = load_params(REPO / "params.yaml", MULTI)
+    params = load_params(
+        REPO / "params.yaml", [*MULTI, "pipeline.resources.train.ephemeral_storage=100Gi"]
+    )
     name = trainjob.job_name(params.pipeline.name, "run-" + "x" * 80)
     paths = trainjob.JobPaths.under(Path("/workspace/trainjobs") / name, Path("/workspace/ck"))
     job = trainjob.manifest(params, name, trainjob.train_args(params.train, paths))
@@ -75,7 +77,8 @@ def test_the_trainjob_manifest_is_a_valid_v2_3_trainjob(tmp_path):
     }
     t = spec["trainer"]
     assert t["image"] == DIGEST and t["numNodes"] == 2 and t["numProcPerNode"] == 8
-    assert t["resourcesPerNode"]["limits"] == {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": "8"}
+    quantities = {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": "8", "ephemeral-storage": "100Gi"}
+    assert t["resourcesPerNode"]["limits"] == t["resourcesPerNode"]["requests"] == quantities
     assert t["command"] == ["t2i"] and t["args"][0] == "train"
     env = {e["name"]: e for e in t["env"]}
     assert not set(env) & set(trainjob.PET)  # the Trainer's to set

@@ -388,6 +388,10 @@ class Resources(Section):
     tolerations: list[Toleration] = Field(default_factory=list)
     # An in-memory /dev/shm for data-loading workers (null: the runtime's default).
     shm_size: str | None = Field(None, pattern=_QUANTITY)
+    # Local disk the stage may fill: a generic ephemeral volume of this size (a PVC of
+    # `pipeline.scratch_storage_class` for the pod's life) at /scratch, its TMPDIR and
+    # HF_HOME; a TrainJob's nodes get it as an ephemeral-storage request and limit.
+    ephemeral_storage: str | None = Field(None, pattern=_QUANTITY)
     # train only: nodes > 1 trains on that many nodes through Kubeflow Trainer (a
     # TrainJob; `gpus` is then per node), the KFP task launching and following it.
     nodes: int = Field(1, ge=1, le=1024)
@@ -498,6 +502,9 @@ class PipelineConfig(Section):
     schedule_cron: str = "0 0 3 * * 1"
     # >1: the cache stage runs as this many parallel tasks (disjoint shards) + a merge.
     cache_workers: int = Field(1, ge=1, le=256)
+    # The storage class of the stages' /scratch volumes (resources.<stage>.
+    # ephemeral_storage); null: the cluster's default class.
+    scratch_storage_class: str | None = Field(None, pattern=_K8S_NAME)
     # Per stage (base_model, pack, cache, train, evaluate, publish); a stage left out
     # keeps its default. Applied with kfp-kubernetes when the DAG is compiled.
     resources: dict[str, Resources] = Field(default_factory=_default_resources)
