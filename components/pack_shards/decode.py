@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -176,7 +177,11 @@ def decode_image(data: bytes, cfg: PackConfig) -> tuple[Image.Image, dict]:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise Rejected(f"decompression_bomb: {e}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise Rejected(f"undecodable: {e}") from None
+        # PIL names the in-memory file by its address: the same sample, the same line.
+        raise Rejected(f"undecodable: {_ADDRESS.sub('', str(e))}") from None
+
+
+_ADDRESS = re.compile(r" <_io\.BytesIO object at 0x[0-9a-f]+>")
 
 
 def _draft_for(img: Image.Image, max_side: int | None) -> None:
