@@ -30,11 +30,24 @@ def _pack(p, a):
     source = str(a.source or p.data.source)
     # The source's stat index (unchanged files are not read again): artifacts/index/.
     index = Path("artifacts/index") / f"{remote.staging_key(source)}.json"
+    if a.merge and a.worker_index is not None:
+        raise ConfigError("--merge commits every worker's part: give it no --worker-index")
+    if not a.merge and (a.worker_index is None) != (a.num_workers is None):
+        raise ConfigError("--worker-index and --num-workers go together")
+    name = source if remote.is_remote(source) else None
     if remote.is_remote(source):  # fetched (only what changed) into artifacts/sources/
         local = remote.fetch(source, Path("artifacts/sources") / remote.staging_key(source))
-        report = pack_shards.run(p.data, p.pack, local, a.out, source_name=source, index=index)
     else:
-        report = pack_shards.run(p.data, p.pack, Path(source), a.out, index=index)
+        local = Path(source)
+    if a.worker_index is not None or a.merge:  # fan-out: a part of the listing, or the merge
+        from components.pack_shards import fanout
+
+        if a.merge:
+            report = fanout.merge(p.data, p.pack, local, a.out, a.num_workers, source_name=name)
+            return report.summary() + f" -> {a.out}"
+        part = fanout.run_worker(p.data, p.pack, local, a.out, a.worker_index, a.num_workers, index)
+        return part.summary() + f" -> {fanout.part_dir(a.out, a.worker_index, a.num_workers)}"
+    report = pack_shards.run(p.data, p.pack, local, a.out, source_name=name, index=index)
     return report.summary() + f" -> {a.out}"
 
 
@@ -206,7 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     stage("base-model", _base_model, "build or fetch the base model", out="artifacts/base-model")
-    stage("pack", _pack, "images + captions -> WebDataset shards", source=None, out="data/shards")
+    pack = stage(
+        "pack", _pack, "images + captions -> WebDataset shards", source=None, out="data/shards"
+    )
+    pack.add_argument("--worker-index", type=int, help="pack only part i of the listing")
+    pack.add_argument("--num-workers", type=int, help="n, with --worker-index (or --merge)")
+    pack.add_argument("--merge", action="store_true", help="commit the workers' parts")
     cache = stage(
         "cache",
         _cache,

@@ -29,17 +29,19 @@ from pipelines.ops import make_ops
 
 # The stages that mount the workspace: state across runs, and the run notes.
 WORKSPACE_STAGES = (
-    "fingerprint", "pack", "cache", "cache_worker", "cache_merge", "check", "train",
+    "fingerprint", "pack", "pack_worker", "pack_merge", "cache", "cache_worker", "cache_merge",
+    "check", "train",
     "evaluate", "publish", "summary",
 )  # fmt: skip
 # The stages that read data.source (a path on `pipeline.data_pvc`, or a URI).
-DATA_STAGES = ("fingerprint", "pack")
+DATA_STAGES = ("fingerprint", "pack", "pack_worker", "pack_merge")
 # Who gets which secret (as environment variables): every stage that may read the Hub
 # (a gated base model, dataset, CLIP or feature model, a non_ema_revision) gets HF_TOKEN.
 HF_TOKEN_STAGES = (
-    "fingerprint", "base_model", "pack", "cache", "cache_worker", "train", "evaluate", "publish"
+    "fingerprint", "base_model", "pack", "pack_worker", "pack_merge", "cache", "cache_worker",
+    "train", "evaluate", "publish",
 )  # fmt: skip
-STORAGE_STAGES = ("fingerprint", "pack", "publish")
+STORAGE_STAGES = ("fingerprint", "pack", "pack_worker", "pack_merge", "publish")
 # Tasks whose job is an effect outside KFP: never served from KFP's cache.
 UNCACHED_STAGES = ("workspace", "fingerprint", "publish", "summary")
 SCRATCH = "/scratch"  # a stage's local disk, with resources.<stage>.ephemeral_storage
@@ -124,13 +126,26 @@ def _train_and_publish(ops, p, decision, source, workspace, parameters) -> list[
     (stage, task) pairs for `place`. Each task's inputs are its cache key."""
     base = ops.base_model_op(model_params=parameters["model_params"])
     base.set_display_name("base-model")
-    pack = ops.pack_op(
+    packing = dict(
         source=source,
         data_key=decision.outputs["data_key"],
         workspace=workspace,
         data_params=parameters["data_params"],
         pack_params=parameters["pack_params"],
-    ).set_display_name("pack")
+    )
+    pack_tasks = []
+    if p.pack_workers <= 1:
+        pack = ops.pack_op(**packing).set_display_name("pack")
+        pack_tasks.append(("pack", pack))
+    else:
+        with dsl.ParallelFor(items=list(range(p.pack_workers)), name="pack-workers") as index:
+            worker = ops.pack_worker_op(
+                **packing, worker_index=index, num_workers=p.pack_workers
+            ).set_display_name("pack-worker")
+        pack = ops.pack_merge_op(
+            **packing, num_workers=p.pack_workers, parts=dsl.Collected(worker.outputs["part"])
+        ).set_display_name("pack-merge")
+        pack_tasks += [("pack_worker", worker), ("pack_merge", pack)]
     inputs = dict(shards=pack.outputs["shards"], base_model=base.outputs["base_model"])
     cache_tasks = []
     if p.cache_workers <= 1:
@@ -198,7 +213,7 @@ def _train_and_publish(ops, p, decision, source, workspace, parameters) -> list[
         ).set_display_name("publish")
     return [
         ("base_model", base),
-        ("pack", pack),
+        *pack_tasks,
         *cache_tasks,
         ("check", check),
         ("train", train),
@@ -253,7 +268,7 @@ def place(task, stage: str, params: Params) -> None:
         kubernetes.mount_pvc(task, pvc_name=p.data_pvc, mount_path=p.data_path)
     for secret_name, to_env in _secrets(p, stage):
         kubernetes.use_secret_as_env(task, secret_name=secret_name, secret_key_to_env=to_env)
-    resources = p.resources.get("cache" if stage == "cache_worker" else stage)
+    resources = p.resources.get({"cache_worker": "cache", "pack_worker": "pack"}.get(stage, stage))
     if resources is None:
         return
     if stage == "train" and resources.nodes > 1:

@@ -69,6 +69,36 @@ def pack_op(
     run_stage("pack", locals())
 
 
+def pack_worker_op(
+    source: str,
+    data_key: str,
+    workspace: str,
+    data_params: str,
+    pack_params: str,
+    worker_index: int,
+    num_workers: int,
+    part: Output[Dataset],
+):
+    from pipelines.stages import run_stage
+
+    run_stage("pack_worker", locals())
+
+
+def pack_merge_op(
+    source: str,
+    data_key: str,
+    workspace: str,
+    data_params: str,
+    pack_params: str,
+    num_workers: int,
+    parts: Input[List[Dataset]],  # noqa: UP006
+    shards: Output[Dataset],
+):
+    from pipelines.stages import run_stage
+
+    run_stage("pack_merge", locals())
+
+
 def cache_op(
     workspace: str,
     processes: int,
@@ -180,6 +210,8 @@ def make_ops(image: str) -> SimpleNamespace:
         fingerprint_op,
         base_model_op,
         pack_op,
+        pack_worker_op,
+        pack_merge_op,
         cache_op,
         cache_worker_op,
         cache_merge_op,

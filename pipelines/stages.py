@@ -32,7 +32,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,7 +71,9 @@ NOTIFY_ENV = "T2I_NOTIFY_URL"
 SUCCEEDED_STATES = {"COMPLETE", "CACHED", "SUCCEEDED"}
 CANCELLED_STATES = {"CANCELED", "CANCELLED"}
 # The note a stage writes (the cache's workers and merge report as the cache).
-NOTE_OF = {"cache_merge": "cache", "cache_worker": "cache"}
+NOTE_OF = {
+    "cache_merge": "cache", "cache_worker": "cache", "pack_merge": "pack", "pack_worker": "pack"
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,7 @@ def run_stage(stage: str, io: dict[str, Any]) -> Any:
         # data): the same line, at once, without loading anything.
         print(f"{stage}: {earlier['summary']} (failed before; not retried)", file=sys.stderr)
         raise SystemExit(earlier.get("exit", 1))
-    if stage not in ("summary", "cache_worker"):
+    if stage not in ("summary", "cache_worker", "pack_worker"):
         ctx.note(note, "running", f"{stage} started")
     try:
         for name in [k for k in io if k.endswith("_params")]:
@@ -310,22 +312,95 @@ def pack(
     `data_key` (the data's fingerprint) is only a cache key: KFP re-runs pack when
     the data changed, though the source's name did not."""
     from components import pack_shards as stage
-    from components.common import remote
 
     out = Path(shards.path)
-    sources = ctx.store("sources", source)
-    store = ctx.store("pack", [source, data.model_dump(exclude={"fingerprint"}), pack.model_dump()])
-    with _locked(sources), _locked(store), _scratch(sources) as staging:
-        local = Path(source) if data.dataset_name else remote.fetch(source, staging)
+    store = _pack_store(ctx, source, data, pack)
+    with _locked(store), _fetched(ctx, source, data, hold=True) as (local, index):
+        report = stage.run(data, pack, local, store or out, source_name=data.dataset_name or source,
+                           index=index, keep_unlisted=store is not None)  # fmt: skip
+        _by_reference(ctx, "pack", store, out, extra=("rejected.jsonl",))
+    _packed(ctx, "pack", source, data_key, report, shards)
+
+
+def pack_worker(
+    ctx: Context,
+    source: str,
+    data_key: str,
+    data: DataConfig,
+    pack: PackConfig,
+    worker_index: int,
+    num_workers: int,
+    part,
+) -> None:
+    """Worker `worker_index` of `num_workers`: its part of the source's listing (by key
+    hash), processed against the store's output into `<store>/.parts/`; the merge
+    commits. Workers hold the source's lock only while fetching."""
+    from components.pack_shards import fanout
+
+    store = _pack_store(ctx, source, data, pack)
+    if store is None:  # the config refuses this; a hand-written DAG might not
+        raise ConfigError("pipeline.pack_workers > 1 needs pipeline.workspace_pvc")
+    with _fetched(ctx, source, data, hold=False) as (local, index):
+        report = fanout.run_worker(data, pack, local, store, worker_index, num_workers, index)
+    folder = fanout.part_dir(store, worker_index, num_workers)
+    Path(part.path).mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(folder / fanout.PART, Path(part.path) / fanout.PART)
+    say("pack_worker", report.summary())
+
+
+def pack_merge(
+    ctx: Context,
+    source: str,
+    data_key: str,
+    data: DataConfig,
+    pack: PackConfig,
+    num_workers: int,
+    parts,
+    shards,
+) -> None:
+    """Commit the pack workers' parts in the store, as one pack task would have."""
+    from components.pack_shards import fanout
+
+    out = Path(shards.path)
+    store = _pack_store(ctx, source, data, pack)
+    if store is None:
+        raise ConfigError("pipeline.pack_workers > 1 needs pipeline.workspace_pvc")
+    with _locked(store), _fetched(ctx, source, data, hold=True) as (local, _):
         name = data.dataset_name or source
+        report = fanout.merge(data, pack, local, store, num_workers, source_name=name,
+                              keep_unlisted=True)  # fmt: skip
+        _by_reference(ctx, "pack", store, out, extra=("rejected.jsonl",))
+    _packed(ctx, "pack_merge", source, data_key, report, shards)
+
+
+def _pack_store(ctx: Context, source: str, data: DataConfig, pack: PackConfig) -> Path | None:
+    """The workspace's store of shards for this source and pack config."""
+    return ctx.store("pack", [source, data.model_dump(exclude={"fingerprint"}), pack.model_dump()])
+
+
+@contextmanager
+def _fetched(ctx: Context, source: str, data: DataConfig, hold: bool):
+    """(the source as a local path, its stat index): a path as it is, a URI fetched
+    (only what changed) into the workspace. `hold`: keep the source's lock until done
+    (a pack), or only while fetching (pack workers, which run side by side)."""
+    from components.common import remote
+
+    sources = ctx.store("sources", source)
+    with ExitStack() as stack:
+        stack.enter_context(_locked(sources))
+        staging = stack.enter_context(_scratch(sources))
+        local = Path(source) if data.dataset_name else remote.fetch(source, staging)
+        if not hold and sources is not None:
+            stack.pop_all().close()  # the lock released; the staging (kept) stays
         # A path: the index the fingerprint task just filled; a fetched copy: its own.
         index = source_index(ctx, source if str(local) == source else f"copy of {source}")
-        report = stage.run(data, pack, local, store or out, source_name=name, index=index,
-                           keep_unlisted=store is not None)  # fmt: skip
-        _by_reference(ctx, "pack", store, out, extra=("rejected.jsonl",))
+        yield local, index
+
+
+def _packed(ctx: Context, stage: str, source: str, data_key: str, report, shards) -> None:
     shards.metadata.update(source=source, samples=report.kept, data_fingerprint=data_key)
     ctx.note("pack", "done", report.summary(), written=report.written, shards=report.shards)
-    say("pack", report.summary())
+    say(stage, report.summary())
 
 
 def cache(ctx: Context, processes: int, cache: CacheConfig, shards, base_model, latents) -> None:
@@ -726,6 +801,8 @@ _STAGES = {
     "pack": pack,
     "cache": cache,
     "cache_worker": cache_worker,
+    "pack_worker": pack_worker,
+    "pack_merge": pack_merge,
     "cache_merge": cache_merge,
     "check": check,
     "train": train,

@@ -416,14 +416,19 @@ def _appended(src, start, count):
     (src / "metadata.jsonl").write_text(rows)
 
 
-def test_unchanged_source_writes_nothing(tmp_path):
-    src, out = tmp_path / "src", tmp_path / "out"
+def _with_a_broken_file_and_a_duplicate(src):
+    """40 images of make_sample, one file that is no image and a copy of the first."""
     make_sample(src, 40)
     (src / "broken.png").write_bytes(b"nope")
     (src / "dup.png").write_bytes((src / "0000.png").read_bytes())
     rows = [{"file_name": "broken.png", "text": "x"}, {"file_name": "dup.png", "text": "y"}]
     with open(src / "metadata.jsonl", "a") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def test_unchanged_source_writes_nothing(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    _with_a_broken_file_and_a_duplicate(src)
     pack_shards.run(DataConfig(), PACK, src, out)
     before = snapshot(out)
     report = pack_shards.run(DataConfig(), PACK, src, out)
@@ -552,3 +557,64 @@ def test_shards_are_readable_by_the_webdataset_library(shards):
     assert len(seen) == sum(s["samples"] for s in manifest["shards"])
     key, image, caption = seen[0]
     assert image.mode == "RGB" and caption.startswith("a ") and len(key) == 16
+
+
+# -- fan-out: K workers over parts of the listing, then a merge ------------------------
+
+
+def _fan_out(src, out, count, cfg=PACK, only=None):
+    from components.pack_shards import fanout
+
+    reports = [
+        fanout.run_worker(DataConfig(), cfg, src, out, i, count)
+        for i in range(count)
+        if only is None or i in only
+    ]
+    return reports, fanout.merge(DataConfig(), cfg, src, out)
+
+
+def test_three_workers_and_a_merge_pack_as_one_pack_does(tmp_path):
+    from components.pack_shards import fanout
+
+    src, one, many = tmp_path / "src", tmp_path / "one", tmp_path / "many"
+    _with_a_broken_file_and_a_duplicate(src)
+    workers = PACK.model_copy(update={"num_workers": 2})  # one worker pools, as a pod does
+    pack_shards.run(DataConfig(), PACK, src, one)
+    reports, merged = _fan_out(src, many, 3, workers)
+    assert (
+        sorted(r.samples for r in reports) != [0, 0, 42] and sum(r.samples for r in reports) == 42
+    )
+    assert (many / "manifest.json").read_bytes() == (one / "manifest.json").read_bytes()
+    assert (many / "rejected.jsonl").read_bytes() == (one / "rejected.jsonl").read_bytes()
+    assert snapshot_names(many) == snapshot_names(one) and not (many / fanout.PARTS).exists()
+    assert merged.kept == 40 and merged.written == merged.shards
+
+    # Incremental as one pack: 10 new images are all the workers decode.
+    _appended(src, 0, 10)
+    before = snapshot(many)
+    reports, merged = _fan_out(src, many, 3, workers)
+    assert sum(r.decoded for r in reports) == 11  # the new ten, and the duplicate re-checked
+    assert all(snapshot(many)[n] == before[n] for n in before if n.endswith(".tar"))
+    pack_shards.run(DataConfig(), PACK, src, one)
+    assert (many / "manifest.json").read_bytes() == (one / "manifest.json").read_bytes()
+
+
+def snapshot_names(out):
+    return sorted(p.name for p in out.iterdir())
+
+
+def test_a_merge_without_every_part_or_after_a_change_refuses(tmp_path):
+    from components.pack_shards import fanout
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    make_sample(src, 20)
+    fanout.run_worker(DataConfig(), PACK, src, out, 0, 2)
+    with pytest.raises(T2IError, match="worker 1 of 2 has not finished"):
+        fanout.merge(DataConfig(), PACK, src, out, count=2)
+    fanout.run_worker(DataConfig(), PACK, src, out, 1, 2)
+    _appended(src, 0, 1)  # the source changed after the workers listed it
+    with pytest.raises(T2IError, match="1 samples differ from what the pack workers listed"):
+        fanout.merge(DataConfig(), PACK, src, out)
+    assert not (out / "manifest.json").exists()  # nothing committed
+    with pytest.raises(T2IError, match="--worker-index 2: must be in 0..1"):
+        fanout.run_worker(DataConfig(), PACK, src, out, 2, 2)

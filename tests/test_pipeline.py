@@ -193,6 +193,31 @@ def test_cache_workers_compile_to_a_parallel_for_and_a_merge(tmp_path):
         )
 
 
+def test_pack_workers_compile_to_a_parallel_for_and_a_merge(tmp_path):
+    params = load_params(REPO / "params.yaml", ["pipeline.pack_workers=3"])
+    spec, platform = load(compile_pipeline(params, tmp_path / "p.yaml"))
+    tasks = all_tasks(spec)
+    assert "pack-merge-op" in tasks and "pack-op" not in tasks
+    loop = next(t for name, t in tasks.items() if name.startswith("for-loop"))
+    assert loop["parameterIterator"]["items"]["raw"] == "[0, 1, 2]"
+    assert "pack-merge-op" in tasks["cache-op"]["dependentTasks"]
+    executors = spec["deploymentSpec"]["executors"]
+    worker = executors["exec-pack-worker-op"]["container"]["resources"]
+    assert worker["resourceCpuLimit"] == "8"  # each worker: the pack stage's resources
+    k8s = k8s_of(platform)
+    assert "pvcMount" in k8s["exec-pack-worker-op"] and "pvcMount" in k8s["exec-pack-merge-op"]
+    with pytest.raises(ConfigError, match="pack_workers > 1 needs pipeline.workspace_pvc"):
+        load_params(
+            REPO / "params.yaml",
+            ["pipeline.pack_workers=2", "pipeline.workspace_pvc=null", "publish.registry=s3://m/r"],
+        )
+    with pytest.raises(ConfigError, match="pack_workers > 1 needs a ReadWriteMany"):
+        load_params(
+            REPO / "params.yaml",
+            ["pipeline.pack_workers=2", "pipeline.workspace_create={storage_class: fast}"],
+        )
+
+
 def test_stage_resources_gpus_node_selectors_tolerations_shm_and_retries(tmp_path):
     params = load_params(
         REPO / "params.yaml",
@@ -436,7 +461,8 @@ def test_run_local_completes_with_every_artifact(tmp_path, sample_source, monkey
         [
             f"data.source={parquet}",
             *SMALL_RUN,
-            "pipeline.cache_workers=2",  # the ParallelFor + merge path (default: one task)
+            "pipeline.cache_workers=2",  # the ParallelFor + merge paths (default: one task)
+            "pipeline.pack_workers=3",
             f"publish.registry={tmp_path / 'registry'}",
         ],
     )
@@ -445,7 +471,9 @@ def test_run_local_completes_with_every_artifact(tmp_path, sample_source, monkey
     latents = json.loads(
         (artifact(result, "cache-merge-op", "latents") / "manifest.json").read_text()
     )
-    packed = json.loads((artifact(result, "pack-op", "shards") / "manifest.json").read_text())
+    shards = artifact(result, "pack-merge-op", "shards")
+    packed = json.loads((shards / "manifest.json").read_text())
+    assert not list(shards.glob("*.tar"))  # by reference: the shards are in the store
     assert [e["source_name"] for e in latents["shards"]] == [e["name"] for e in packed["shards"]]
     assert sum(latents["samples"].values()) == 48
     assert (artifact(result, "train-op", "model") / "unet").is_dir()
@@ -464,8 +492,8 @@ def test_run_local_completes_with_every_artifact(tmp_path, sample_source, monkey
     assert "publish.from_experiments" in receipt["reason"]
     assert not (tmp_path / "registry").exists()
     # One line per task, with the stage's own line; the full logs are files.
-    assert any(line.split()[:2] == ["pack", "complete"] and "packed 48 samples" in line
-               for line in lines)  # fmt: skip
+    assert any(line.split()[:2] == ["pack-merge", "complete"] and "packed 48 samples" in line
+               for line in lines), lines  # fmt: skip
     assert len(lines) == len([t for t in result["tasks"].values() if t.log])
 
 

@@ -502,6 +502,9 @@ class PipelineConfig(Section):
     schedule_cron: str = "0 0 3 * * 1"
     # >1: the cache stage runs as this many parallel tasks (disjoint shards) + a merge.
     cache_workers: int = Field(1, ge=1, le=256)
+    # pack_workers > 1: pack in that many parallel tasks (each its part of the listing,
+    # by key hash), then a merge; they share the workspace's store.
+    pack_workers: int = Field(1, ge=1, le=256)
     # The storage class of the stages' /scratch volumes (resources.<stage>.
     # ephemeral_storage); null: the cluster's default class.
     scratch_storage_class: str | None = Field(None, pattern=_K8S_NAME)
@@ -560,9 +563,16 @@ class PipelineConfig(Section):
                     "resources.train.nodes > 1 needs pipeline.workspace_pvc: the nodes share "
                     "the latents, the base model and the checkpoints on it"
                 )
+        if self.pack_workers > 1 and not self.workspace_pvc:
+            raise ValueError(
+                "pack_workers > 1 needs pipeline.workspace_pvc: the workers share its store"
+            )
         claim = self.workspace_create
         if claim is not None and claim.access_mode != "ReadWriteMany" and self.shared_workspace:
-            what = "resources.train.nodes > 1" if many else "cache_workers > 1"
+            what = (
+                "resources.train.nodes > 1" if many
+                else "cache_workers > 1" if self.cache_workers > 1 else "pack_workers > 1"
+            )  # fmt: skip
             raise ValueError(
                 f"{what} needs a ReadWriteMany workspace (pods on several nodes mount it at "
                 "once): set workspace_create.access_mode: ReadWriteMany"
@@ -572,9 +582,9 @@ class PipelineConfig(Section):
     @property
     def shared_workspace(self) -> bool:
         """Whether pods on several nodes mount the workspace at once (train nodes, or
-        the cache workers writing into its store)."""
+        pack or cache workers writing into its store)."""
         return bool(self.workspace_pvc) and (
-            self.resources["train"].nodes > 1 or self.cache_workers > 1
+            self.resources["train"].nodes > 1 or self.cache_workers > 1 or self.pack_workers > 1
         )
 
     @field_validator("image")

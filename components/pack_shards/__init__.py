@@ -114,20 +114,48 @@ def _pack(
     data, cfg, source, out: Path, fmt: str, samples: list[Sample], name: str, hashes, keep
 ) -> PackReport:
     previous = PreviousPack.load(out, cfg, fmt)
+    fps, fresh, rate = scan(samples, previous, cfg, out, hashes)
+    return commit(cfg, source, out, fmt, samples, name, data.dataset_name, previous, fps, fresh,
+                  rate, keep)  # fmt: skip
+
+
+def scan(
+    samples: list[Sample], previous: PreviousPack, cfg: PackConfig, spool: Path, hashes
+) -> tuple[dict[str, str], dict, float]:
+    """({key: fingerprint}, {key: record or rejection} of the samples processed, their
+    images/s): what `samples` are, against the `previous` output. Workers' spool files
+    go into `spool`."""
     # Nothing to compare with: every sample is processed and the workers, which read
     # the bytes anyway, fingerprint them. Otherwise fingerprints decide what to redo.
     fps = {} if previous.empty else fingerprints(samples, hashes)
     todo = samples if previous.empty else previous.todo(samples, fps)
     started = time.perf_counter()
     fresh = {}
-    for sample, (fp, result, blob) in zip(todo, process(todo, cfg, out), strict=True):
+    for sample, (fp, result, blob) in zip(todo, process(todo, cfg, spool), strict=True):
         fps[sample.key], fresh[sample.key] = fp, result
         path = whole_file(sample) if hashes is not None else None
         if path is not None and blob not in (None, "unreadable"):
             hashes.record(path, blob)  # read once here: not again on the next run
-    rate = len(todo) / max(time.perf_counter() - started, 1e-9)
-    plan = plan_pack(samples, fps, previous, fresh, cfg)
+    return fps, fresh, len(todo) / max(time.perf_counter() - started, 1e-9)
 
+
+def commit(
+    cfg: PackConfig,
+    source: Path,
+    out: Path,
+    fmt: str,
+    samples: list[Sample],
+    name: str,
+    dataset: str | None,
+    previous: PreviousPack,
+    fps: dict[str, str],
+    fresh: dict,
+    rate: float,
+    keep: bool,
+) -> PackReport:
+    """Plan the output from every sample's outcome, write the shards it needs and the
+    manifest (the commit point). T2IError when too many samples were rejected."""
+    plan = plan_pack(samples, fps, previous, fresh, cfg)
     total = len(samples)
     if not plan.kept or len(plan.rejected) / total > cfg.max_reject_fraction:
         _write_if_changed(out / REJECTED, plan.rejected_jsonl())
@@ -136,7 +164,7 @@ def _pack(
             f"(limit pack.max_reject_fraction={cfg.max_reject_fraction}); see {out / REJECTED}"
         )
     written = write_plan(plan, previous, fresh, out)
-    manifest = plan.manifest(fmt, cfg, written, name, data.dataset_name)
+    manifest = plan.manifest(fmt, cfg, written, name, dataset)
     _write_if_changed(out / REJECTED, plan.rejected_jsonl())
     _write_if_changed(out / MANIFEST, _json_bytes(manifest.model_dump(mode="json")))
     if not keep:
@@ -148,7 +176,7 @@ def _pack(
         bytes=sum(s.bytes for s in manifest.shards),
         splits=manifest.samples,
         written=len(written),
-        decoded=len(todo),
+        decoded=len(fresh),
         images_per_s=rate,
     )
 
