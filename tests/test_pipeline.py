@@ -1,6 +1,7 @@
 """The KFP DAG: compiled YAML kept in sync, thin components, a local run."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -529,7 +530,8 @@ def test_scheduled_runs_train_only_when_the_data_changed(tmp_path, s3, monkeypat
     """Three runs of the DAG with the backend's cache over one workspace, with the data
     in S3 (a local moto server): the first trains and publishes v1; the second, with
     nothing changed, trains nothing; the third, after images were added, trains and
-    publishes v2, and pack and cache redo only the new shards."""
+    publishes v2, and pack and cache redo only the new shards; their artifacts are
+    manifests, and the model equals one trained from copies of the store's shards."""
     from make_sample import make_sample
 
     from tests.conftest import upload_folder
@@ -569,7 +571,8 @@ def test_scheduled_runs_train_only_when_the_data_changed(tmp_path, s3, monkeypat
 
     make_sample(tmp_path / "v2", count=64)  # the same 48 pictures, and 16 new ones
     upload_folder(s3, "data", tmp_path / "v2", "shapes")
-    third = run_local(params, root)["summary"]
+    result = run_local(params, root)
+    third = result["summary"]
     assert third["stages"]["fingerprint"]["summary"].startswith("data changed since the last run")
     assert third["text"] == "run succeeded: published v2"
     pack = third["stages"]["pack"]
@@ -579,6 +582,29 @@ def test_scheduled_runs_train_only_when_the_data_changed(tmp_path, s3, monkeypat
     assert lineage["run_key"]["source"] == "s3://data/shapes"
     assert lineage["source"]["source"] == "s3://data/shapes"
     assert sum(lineage["pack"]["samples"].values()) == 64
+    # By reference: the artifacts are the manifest and where the shards are (kilobytes).
+    for task, output in (("pack-op", "shards"), ("cache-op", "latents")):
+        folder = artifact(result, task, output)
+        assert sorted(p.name for p in folder.iterdir() if p.suffix != ".jsonl") == [
+            "manifest.json",
+            "store.json",
+        ]
+        assert sum(p.stat().st_size for p in folder.iterdir()) < 64_000
+    # The model equals one trained from copies of those shards (no reference).
+    latents = artifact(result, "cache-op", "latents")
+    store = Path(json.loads((latents / "store.json").read_text())["store"])
+    copied = tmp_path / "copied"
+    copied.mkdir()
+    shutil.copyfile(latents / "manifest.json", copied / "manifest.json")
+    for entry in json.loads((latents / "manifest.json").read_text())["shards"]:
+        shutil.copyfile(store / entry["name"], copied / entry["name"])
+    from components import train_unet
+
+    base = artifact(result, "base-model-op", "base_model")
+    train_unet.run(params.train, copied, base, tmp_path / "model", tmp_path / "reports")
+    name = "unet/diffusion_pytorch_model.safetensors"
+    trained = artifact(result, "train-op", "model") / name
+    assert sha256_file(trained) == sha256_file(tmp_path / "model" / name)
 
 
 @pytest.mark.slow
