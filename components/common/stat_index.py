@@ -25,6 +25,7 @@ from components.common.io import sha256_file, write_bytes_atomic
 class StatIndex:
     def __init__(self, index: Path | None, root: Path, trust_stat: bool = True):
         self.index, self.root, self.trust = index, Path(root), trust_stat
+        self._root_text = str(self.root).rstrip("/") + "/"
         self.entries: dict[str, list] = {}
         self.reads = 0  # files hashed (read) by this index
         self.dirty = False
@@ -48,11 +49,28 @@ class StatIndex:
         name = hashlib.sha256(str(Path(folder).resolve()).encode()).hexdigest()[:24]
         return cls(Path(where) / f"{name}.json", folder)
 
+    def _key(self, path: Path) -> str:
+        text, root = str(path), self._root_text
+        if text.startswith(root) and ".." not in text:  # the common case, without relpath
+            return text[len(root) :]
+        return os.path.relpath(path, self.root)
+
+    def known(self, path: Path) -> str | None:
+        """The recorded sha256 of `path` while its stat is unchanged, else None (nothing
+        read). OSError when the file is not there."""
+        if not self.trust:
+            return None
+        st = os.stat(path)
+        known = self.entries.get(self._key(path))
+        if known is not None and known[:3] == [st.st_size, st.st_mtime_ns, st.st_ino]:
+            return known[3]
+        return None
+
     def sha256(self, path: Path) -> str:
         """The file's sha256: the recorded one while its stat is unchanged, else read."""
         path = Path(path)
         st = path.stat()
-        key = os.path.relpath(path, self.root)
+        key = self._key(path)
         stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
         known = self.entries.get(key)
         if self.trust and known is not None and known[:3] == stamp:
@@ -68,7 +86,7 @@ class StatIndex:
         """Remember `digest` as the sha256 of `path` as it is now (a caller that read the
         file for its own purpose hashed it)."""
         st = Path(path).stat()
-        key = os.path.relpath(path, self.root)
+        key = self._key(path)
         with self._lock:
             self.entries[key] = self.mine[key] = [st.st_size, st.st_mtime_ns, st.st_ino, digest]
             self.dirty = True
@@ -76,7 +94,7 @@ class StatIndex:
     def forget(self, path: Path) -> None:
         """Never trust what is recorded for `path` (it did not match what it should)."""
         with self._lock:
-            key = os.path.relpath(path, self.root)
+            key = self._key(path)
             self.entries.pop(key, None)
             self.mine[key] = None
             self.dirty = True

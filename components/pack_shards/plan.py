@@ -90,8 +90,20 @@ def fingerprints(samples: list[Sample], hashes=None) -> dict[str, str]:
                 return sample.key, fingerprint(sample, e)
         return sample.key, fingerprint(sample, read_image_bytes(sample))
 
+    found, rest = {}, []
+    for sample in samples:  # a stat each, here: a thread per lookup costs more than it
+        path = whole_file(sample) if hashes is not None else None
+        try:
+            blob = hashes.known(path) if path is not None else None
+        except OSError:
+            blob = None
+        if blob is not None:
+            found[sample.key] = fingerprint(sample, None, blob)
+        else:
+            rest.append(sample)
     with ThreadPoolExecutor(8) as pool:  # hashlib and file reads release the GIL
-        return dict(pool.map(one, samples))
+        found.update(pool.map(one, rest))
+    return {s.key: found[s.key] for s in samples}
 
 
 @dataclass

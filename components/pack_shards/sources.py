@@ -110,11 +110,15 @@ def list_samples(source: Path, data: DataConfig) -> tuple[str, list[Sample]]:
 
 
 def _file_sample(root: Path, path: Path, caption: str | bytes | None) -> Sample:
-    rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+    text, prefix = str(path), str(root).rstrip("/") + "/"
+    if text.startswith(prefix):  # (string work: a million samples list in seconds)
+        rel = text[len(prefix) :]
+    else:
+        rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else text
     problem = None
-    if path.is_symlink() and not path.resolve().is_relative_to(root.resolve()):
+    if os.path.islink(text) and not path.resolve().is_relative_to(root.resolve()):
         problem = "symlink_outside_source"
-    blob = Blob(str(path)) if path.is_file() and not problem else None
+    blob = Blob(text) if os.path.isfile(text) and not problem else None
     return Sample(sample_key(rel), rel, caption, blob, problem)
 
 
@@ -174,8 +178,11 @@ def list_captioned_folder(source: Path, data: DataConfig) -> list[Sample]:
             stem, ext = os.path.splitext(name)
             if ext.lower() not in IMAGE_EXTS:
                 continue
-            txt = Path(folder, stem + ".txt")
-            caption = txt.read_bytes() if stem + ".txt" in names else MISSING
+            if stem + ".txt" in names:
+                with open(os.path.join(folder, stem + ".txt"), "rb") as f:
+                    caption = f.read()
+            else:
+                caption = MISSING
             samples.append(_file_sample(source, Path(folder, name), caption))
     return sorted(samples, key=lambda s: s.source)
 
