@@ -191,12 +191,16 @@ def test_publish_versions_and_is_idempotent(trained, evaluation, tmp_path):
 
 
 def test_registry_version_has_card_lineage_and_is_readable_by_the_team(
-    trained, evaluation, tmp_path
+    trained, evaluation, tmp_path, capsys
 ):
     cfg = PublishConfig(name="m", registry=str(tmp_path / "registry"))
     receipt = publish.run(cfg, trained[0] / "model", evaluation[0], tmp_path / "out")
     version = tmp_path / "registry" / "m" / "1"
     lineage = json.loads((version / "lineage.json").read_text())
+    # The tiny demo has no single-file layout: one line, and no file.
+    err = capsys.readouterr().err
+    assert "publish: single-file export skipped: the model's topology is not SD" in err
+    assert lineage["exports"] == {} and not list(version.glob("*.safetensors"))
     assert lineage["unet_sha256"] == receipt.unet_sha256 == receipt.lineage["unet_sha256"]
     # every link of the chain, from publish's inputs alone
     assert lineage["pack"]["shards"] and all(s["sha256"] for s in lineage["pack"]["shards"])

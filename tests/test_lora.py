@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from components import evaluate, publish, train_unet
 from components.common.config import PublishConfig, TrainConfig
 from components.common.errors import ConfigError, T2IError
+from components.common.io import sha256_file
 from components.common.models import ADAPTER_WEIGHTS, load_pipeline
 from components.common.records import read_evaluation_record, read_train_record
 
@@ -218,6 +219,11 @@ def test_publish_uploads_the_adapter_with_an_adapter_card(lora_trained, lora_eva
     card = (version / "README.md").read_text()
     assert "- lora" in card and 'pipe.load_lora_weights("' in card
     assert "LoRA adapter (rank 4, alpha 8" in card and "| `lora_rank` | `4` |" in card
+    # The kohya-format file, for ComfyUI and AUTOMATIC1111: in the version, card, lineage.
+    kohya = version / "lora.kohya.safetensors"
+    entry = json.loads((version / "lineage.json").read_text())["exports"][kohya.name]
+    assert entry["sha256"] == sha256_file(kohya) and "kohya" in entry["format"]
+    assert f"`{kohya.name}`: the LoRA in kohya's format (alpha 8, rank 4)" in card
     again = publish.run(cfg, model, lora_evaluation[0], tmp_path / "out")
     assert not again.local.new  # the same adapter makes no second version
     # with a Hub base model, the Hub's metadata says what the repo is

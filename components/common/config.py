@@ -323,6 +323,11 @@ class PublishConfig(Section):
     # Required for the Hub; null: the base model card's license (else an error).
     license: str | None = None
     tag_format: str = "v{version}"
+    # Files ComfyUI and AUTOMATIC1111 load, beside the diffusers folder: the full model
+    # as one LDM-layout `<name>.safetensors` (SD 1.x/2.x topology only), a LoRA as a
+    # kohya-format `<name>.kohya.safetensors`. single_file_half: fp16 tensors.
+    single_file: bool = True
+    single_file_half: bool = False
     # Experiments (`dvc exp run`, `t2i pipeline run-local`) publish only when true; the
     # receipt of one that did not says so. Committed runs (`dvc repro`, KFP) publish.
     from_experiments: bool = False

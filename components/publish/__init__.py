@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -127,14 +129,59 @@ def run(
             "set it (e.g. creativeml-openrail-m for SD 1.x fine-tunes, or your own)"
         )
     files = version_files(model, eval_dir, evaluation)
-    docs = _Documents(cfg, license_, train, evaluation, lineage)
-    if cfg.target in ("local", "both"):
-        receipt.local = _publish_to_registry(cfg, files, docs, receipt)
-    if hub:
-        receipt.hub = publish_hub(cfg, files, unet_sha, docs.for_hub, token)
+    skipped: list[str] = []  # said once published (a failure stays one line)
+    with tempfile.TemporaryDirectory(prefix="t2i-exports-") as tmp:
+        exported = exports(cfg, model, train, Path(tmp), skipped)
+        files.update({name: path for name, (path, _) in exported.items()})
+        lineage["exports"] = {name: entry for name, (_, entry) in exported.items()}
+        receipt.lineage = lineage
+        docs = _Documents(cfg, license_, train, evaluation, lineage)
+        if cfg.target in ("local", "both"):
+            receipt.local = _publish_to_registry(cfg, files, docs, receipt)
+        if hub:
+            receipt.hub = publish_hub(cfg, files, unet_sha, docs.for_hub, token)
     receipt.published, receipt.published_at = True, _now()
     write_record(receipt, out / RECEIPT)
+    for line in skipped:
+        print(f"publish: {line}", file=sys.stderr, flush=True)
     return receipt
+
+
+def exports(
+    cfg: PublishConfig, model: Path, train, folder: Path, skipped: list[str] | None = None
+) -> dict[str, tuple[Path, dict]]:
+    """{file name in the version: (the file written in `folder`, its lineage entry)}:
+    the single-file checkpoint of a full pipeline and the kohya file of a LoRA, with
+    `publish.single_file`. A model the layout cannot express gets none, and the reason
+    (one line) in `skipped`."""
+    from components.publish import single_file
+
+    if not cfg.single_file:
+        return {}
+    found: dict[str, tuple[Path, dict]] = {}
+    if train.adapter is not None:
+        name = f"{cfg.name}.kohya.safetensors"
+        path = single_file.export_kohya_lora(
+            model / ADAPTER_WEIGHTS, folder / name, train.adapter.alpha
+        )
+        found[name] = (path, _entry(path, "kohya LoRA (lora_unet_*, lora_down/lora_up, alpha)"))
+    if (model / "unet" / "config.json").is_file():  # a full pipeline (or a LoRA merged)
+        name = f"{cfg.name}.safetensors"
+        try:
+            path = single_file.export_checkpoint(model, folder / name, half=cfg.single_file_half)
+        except single_file.Unsupported as e:
+            if skipped is not None:
+                skipped.append(str(e))
+        else:
+            dtype = "fp16" if cfg.single_file_half else "as trained"
+            found[name] = (path, _entry(path, f"single-file checkpoint (LDM layout, {dtype})"))
+    return found
+
+
+def _entry(path: Path, kind: str) -> dict:
+    from components.common.io import sha256_file
+
+    return {"format": kind, "sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
 class _Documents:

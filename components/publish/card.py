@@ -114,6 +114,7 @@ def _body(load: str, name, version, train: TrainRecord, evaluation: EvaluationRe
         "",
         *_usage(load, base, train, evaluation),
         "",
+        *_export_lines(lineage.get("exports") or {}, train),
         "## Training settings",
         "",
         "| setting | value |",
@@ -203,6 +204,37 @@ def _usage(load: str, base, train: TrainRecord, evaluation: EvaluationRecord) ->
         f'pipe.load_lora_weights("{load}")',
         *last,
     ]
+
+
+def _export_lines(exports: dict[str, dict], train: TrainRecord) -> list[str]:
+    """How to use the single files, for ComfyUI and AUTOMATIC1111 users."""
+    if not exports:
+        return []
+    lines = ["## ComfyUI and AUTOMATIC1111", ""]
+    for name, entry in exports.items():
+        if "kohya" in entry["format"]:
+            lines.append(
+                f"- `{name}`: the LoRA in kohya's format (alpha {train.adapter.alpha:g}, "
+                f"rank {train.adapter.rank}): put it in `models/loras/` (ComfyUI) or "
+                f"`models/Lora/` (AUTOMATIC1111, `<lora:{name.removesuffix('.safetensors')}:1>`"
+                "), or `pipe.load_lora_weights(path)` in diffusers."
+            )
+        else:
+            lines.append(
+                f"- `{name}`: the whole model in one file ({entry['format']}): put it in "
+                "`models/checkpoints/` (ComfyUI) or `models/Stable-diffusion/` "
+                "(AUTOMATIC1111), or `StableDiffusionPipeline.from_single_file(path, "
+                "config=<this folder>)` in diffusers."
+            )
+    if train.config.get("prediction_type") == "v_prediction":
+        lines.append(
+            "- It predicts v (`v_prediction`): tell the UI so (AUTOMATIC1111: a `.yaml` "
+            "beside it with `parameterization: v`; ComfyUI: a ModelSamplingDiscrete node "
+            "set to v_prediction)."
+        )
+    sums = ", ".join(f"`{n}` {e['sha256'][:16]}" for n, e in exports.items())
+    lines.append(f"- sha256 (in `lineage.json` in full): {sums}")
+    return [*lines, ""]
 
 
 def _resumed(train: TrainRecord) -> str:
