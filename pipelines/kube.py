@@ -50,8 +50,8 @@ def ensure_pvc(
     it when it is missing (and an existing one is reused, whatever made it); None
     requires it to exist. An existing PVC whose access mode differs from the asked one
     is named. T2IError (one line) when it is missing and not to be created, when the
-    API refuses (forbidden, quota), or when `shared` (training on several nodes, which
-    all mount it) and it is not ReadWriteMany."""
+    API refuses (forbidden, quota), or when `shared` (train nodes, or pack or cache
+    workers, on several nodes mount it) and it is not ReadWriteMany."""
     from kubernetes import client
     from kubernetes.client.rest import ApiException
 
@@ -70,8 +70,9 @@ def ensure_pvc(
         said = f"workspace PVC {namespace}/{name} exists ({', '.join(modes) or 'no access mode'})"
         if shared and "ReadWriteMany" not in modes:
             raise T2IError(
-                f"{said}, but resources.train.nodes > 1 needs ReadWriteMany (every node mounts "
-                "it): use an RWX storage class, or train on one node"
+                f"{said}, but resources.train.nodes > 1, cache_workers > 1 and pack_workers > 1 "
+                "need ReadWriteMany (pods on several nodes mount it): use an RWX storage "
+                "class, or one node and one worker"
             )
         if create and create.get("access_mode") not in modes:
             said += f"; pipeline.workspace_create asks for {create.get('access_mode')}"
