@@ -12,6 +12,9 @@ the stores only grow, until this collects what nothing kept names:
   which the stages leave beside their notes);
 - every shard named in the lineage of a published version (`--registry`).
 
+It also collects the `.parts/` of a pack fan-out whose files are all older than a day
+(its merge never ran).
+
 Deleting a shard that a KFP cache entry older than the kept runs still names makes
 that cached output fail when used ("its shards live in ..."): keep as many runs as
 you may revert data to (or run with `pipeline.retrain: always` after a revert).
@@ -20,9 +23,11 @@ you may revert data to (or run with `pipeline.retrain: always` after a revert).
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+STALE_PARTS_S = 24 * 3600  # pack workers' parts untouched this long: a fan-out that died
 # What a store holds per shard: pack's shard and its index, cache's shard and receipt.
 _OWNED = (".tar", ".tar.index.json", ".tar.json")
 
@@ -62,7 +67,14 @@ def collect(workspace: Path, keep_runs: int = 5, registry: Path | None = None) -
                 store = Path(json.loads(ref.read_text())["store"])
                 found.keep.setdefault(store, set()).update(_names(run / f"{stage}-manifest.json"))
     published = _published_names(registry) if registry else set()
+    stale = time.time() - STALE_PARTS_S
     for store in stores:
+        # A pack fan-out that never merged (a crashed run) leaves its parts; one that is
+        # running has files newer than a day.
+        parts = [p for p in (store / ".parts").rglob("*") if p.is_file()]
+        if parts and max(p.stat().st_mtime for p in parts) < stale:
+            found.delete += parts
+            found.bytes += sum(p.stat().st_size for p in parts)
         for path in sorted(store.iterdir()):
             if not path.is_file() or not path.name.endswith(_OWNED):
                 continue
@@ -80,6 +92,12 @@ def gc(workspace: Path, keep_runs: int = 5, registry: Path | None = None, delete
     if delete:
         for path in found.delete:
             path.unlink(missing_ok=True)
+        for folder in sorted({p.parent for p in found.delete if ".parts" in p.parts}, reverse=True):
+            for empty in (folder, folder.parent):  # a part's folder, then .parts itself
+                try:
+                    empty.rmdir()
+                except OSError:  # not empty (another part), or gone already
+                    pass
         return found.summary(True)
     listed = "".join(f"  {p}\n" for p in found.delete)
     return listed + found.summary(False)

@@ -1,7 +1,9 @@
 """Outputs by reference (a pipeline's workspace store) and the stores' garbage collection."""
 
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 
 from components.common.config import DataConfig, PackConfig
@@ -94,6 +96,14 @@ def test_gc_keeps_what_a_kept_manifest_names_and_a_dry_run_deletes_nothing(
     assert {n for n in gone if n.endswith(".tar")} == dropped
     assert all((store / n).is_file() for n in gone)  # nothing deleted yet
     assert "would delete" in gc(ws, keep_runs=1) and all((store / n).is_file() for n in gone)
+    # A fan-out that never merged: its parts go once they are a day old, not before.
+    part = store / ".parts" / "part-0000-of-0002" / "part.json"
+    part.parent.mkdir(parents=True)
+    part.write_text("{}")
+    assert part not in collect(ws, keep_runs=1).delete
+    os.utime(part, (time.time() - 2 * 86400,) * 2)
+    assert part in collect(ws, keep_runs=1).delete
     assert gc(ws, keep_runs=1, delete=True).startswith("deleted")
+    assert not (store / ".parts").exists()
     assert not any((store / n).exists() for n in gone)
     assert all((store / n).is_file() for n in second)  # what the current manifest names
