@@ -31,11 +31,15 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def check_sha(path: Path, expected: str) -> None:
-    """T2IError naming the shard when it is missing or its bytes changed."""
+def check_sha(path: Path, expected: str, hashes=None) -> None:
+    """T2IError naming the shard when it is missing or its bytes changed. `hashes` (a
+    `StatIndex`): read only when the file's stat changed since it was hashed; a
+    mismatch is forgotten, so the next check reads the file again."""
     if not path.is_file():
         raise T2IError(f"{path}: shard missing; re-run the stage that writes it")
-    if sha256_file(path) != expected:
+    if (hashes.sha256(path) if hashes is not None else sha256_file(path)) != expected:
+        if hashes is not None:
+            hashes.forget(path)
         raise T2IError(f"{path}: sha256 does not match the manifest (corrupt or changed shard)")
 
 

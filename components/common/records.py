@@ -31,7 +31,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from components.common.errors import T2IError
-from components.common.io import write_json_atomic
+from components.common.io import check_sha, write_json_atomic
 
 SCHEMA_VERSION = 1
 
@@ -213,14 +213,7 @@ def verify_latents(latents: Path, split: str | None = None) -> LatentManifest:
     try:
         for shard in manifest.shards:
             if split is None or shard.split == split:
-                path = root / shard.name
-                if not path.is_file():
-                    raise T2IError(f"{path}: shard missing; re-run the stage that writes it")
-                if hashes.sha256(path) != shard.sha256:
-                    hashes.forget(path)
-                    raise T2IError(
-                        f"{path}: sha256 does not match the manifest (corrupt or changed shard)"
-                    )
+                check_sha(root / shard.name, shard.sha256, hashes)
     finally:
         hashes.save()
     return manifest

@@ -98,8 +98,7 @@ def run(
     """
     out = Path(out)
     fmt, samples = list_samples(Path(source), data)
-    root = Path(source) if Path(source).is_dir() else Path(source).parent
-    hashes = StatIndex(index, root, data.fingerprint == "stat") if index else None
+    hashes = source_hashes(source, data, index)
     try:
         name = source_name or _source_name(Path(source), data)
         return _pack(data, cfg, Path(source), out, fmt, samples, name, hashes, keep_unlisted)
@@ -108,6 +107,15 @@ def run(
             spool.unlink()
         if hashes is not None:
             hashes.save()
+
+
+def source_hashes(source: Path, data: DataConfig, index: Path | None) -> StatIndex | None:
+    """The source's stat index (None without an index file), trusting stat unless
+    `data.fingerprint: content`."""
+    if index is None:
+        return None
+    root = Path(source) if Path(source).is_dir() else Path(source).parent
+    return StatIndex(index, root, data.fingerprint == "stat")
 
 
 def _pack(

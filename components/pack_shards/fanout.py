@@ -21,7 +21,6 @@ from pathlib import Path
 from components.common.config import DataConfig, PackConfig
 from components.common.errors import T2IError
 from components.common.io import write_json_atomic
-from components.common.stat_index import StatIndex
 from components.pack_shards import (
     MANIFEST,
     PackReport,
@@ -29,6 +28,7 @@ from components.pack_shards import (
     _source_name,
     commit,
     scan,
+    source_hashes,
 )
 from components.pack_shards.decode import Packed
 from components.pack_shards.plan import PreviousPack, identity
@@ -78,8 +78,7 @@ def run_worker(
     out = Path(out)
     fmt, samples = list_samples(Path(source), data)
     mine = [s for s in samples if part_of(s.key, count) == index]
-    root = Path(source) if Path(source).is_dir() else Path(source).parent
-    hashes = StatIndex(stat_index, root, data.fingerprint == "stat") if stat_index else None
+    hashes = source_hashes(source, data, stat_index)
     previous = PreviousPack.load(out, cfg, fmt)
     folder = part_dir(out, index, count)
     shutil.rmtree(folder, ignore_errors=True)  # an earlier attempt's part

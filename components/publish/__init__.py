@@ -26,7 +26,7 @@ from typing import Any
 
 from components.common.config import PublishConfig
 from components.common.errors import ConfigError, T2IError
-from components.common.io import json_bytes
+from components.common.io import json_bytes, sha256_file
 from components.common.models import (
     ADAPTER_WEIGHTS,
     check_model_dir,
@@ -179,8 +179,6 @@ def exports(
 
 
 def _entry(path: Path, kind: str) -> dict:
-    from components.common.io import sha256_file
-
     return {"format": kind, "sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
