@@ -170,13 +170,18 @@ def _publish(p, a):
 
 
 def _store(p, a):
-    from pipelines.store import gc
+    from pipelines.store import gc, gc_objects
 
-    workspace = Path(a.workspace or p.pipeline.workspace_path)
-    if not workspace.is_dir():
-        raise ConfigError(f"--workspace {workspace}: no such folder (the workspace, mounted)")
+    uri = a.store or p.pipeline.store
     registry = Path(a.registry) if a.registry else None
-    return gc(workspace, a.keep_runs, registry, delete=a.delete)
+    given = a.workspace or (None if uri else p.pipeline.workspace_path)
+    workspace = Path(given) if given else None
+    if workspace is not None and not workspace.is_dir():
+        raise ConfigError(f"--workspace {workspace}: no such folder (the workspace, mounted)")
+    lines = [gc(workspace, a.keep_runs, registry, delete=a.delete)] if workspace else []
+    if uri:
+        lines.append(gc_objects(uri, a.keep_runs, workspace, registry, delete=a.delete))
+    return "\n".join(lines)
 
 
 def _pipeline(p, a):
@@ -277,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     store = stage("store", _store, "the workspace's shard stores: garbage collection")
     store.add_argument("action", choices=["gc"])
     store.add_argument("--workspace", help="the workspace (default: pipeline.workspace_path)")
+    store.add_argument("--store", help="an object store (default: pipeline.store)")
     store.add_argument("--keep-runs", type=int, default=5, help="runs whose shards are kept")
     store.add_argument("--registry", help="a registry folder: published versions' shards kept")
     store.add_argument("--delete", action="store_true", help="delete (default: a dry run)")

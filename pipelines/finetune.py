@@ -42,6 +42,9 @@ HF_TOKEN_STAGES = (
     "train", "evaluate", "publish",
 )  # fmt: skip
 STORAGE_STAGES = ("fingerprint", "pack", "pack_worker", "pack_merge", "publish")
+# With pipeline.store: the stages that write shards there, and those that read them.
+STORE_WRITERS = ("pack", "pack_worker", "pack_merge", "cache", "cache_worker", "cache_merge")
+STORE_READERS = (*STORE_WRITERS, "check", "train", "evaluate")
 # Tasks whose job is an effect outside KFP: never served from KFP's cache.
 UNCACHED_STAGES = ("workspace", "fingerprint", "publish", "summary")
 SCRATCH = "/scratch"  # a stage's local disk, with resources.<stage>.ephemeral_storage
@@ -266,6 +269,8 @@ def place(task, stage: str, params: Params) -> None:
         task.set_env_variable("T2I_HASH_CACHE", f"{p.workspace_path}/.hashes")
     if p.data_pvc and stage in DATA_STAGES:
         kubernetes.mount_pvc(task, pvc_name=p.data_pvc, mount_path=p.data_path)
+    if p.store and stage in STORE_WRITERS:
+        task.set_env_variable("T2I_STORE", p.store)
     for secret_name, to_env in _secrets(p, stage):
         kubernetes.use_secret_as_env(task, secret_name=secret_name, secret_key_to_env=to_env)
     resources = p.resources.get({"cache_worker": "cache", "pack_worker": "pack"}.get(stage, stage))
@@ -316,7 +321,7 @@ def _secrets(p, stage: str) -> list[tuple[str, dict[str, str]]]:
     found = []
     if p.hf_token_secret and stage in HF_TOKEN_STAGES:
         found.append((p.hf_token_secret.name, {p.hf_token_secret.key: "HF_TOKEN"}))
-    if p.storage_secret and stage in STORAGE_STAGES:
+    if p.storage_secret and (stage in STORAGE_STAGES or (p.store and stage in STORE_READERS)):
         found.append((p.storage_secret.name, {k: k for k in p.storage_secret.keys}))
     if p.notify_secret and stage == "summary":
         found.append((p.notify_secret.name, {p.notify_secret.key: "T2I_NOTIFY_URL"}))

@@ -476,6 +476,7 @@ def cache_merge(ctx: Context, cache: CacheConfig, num_workers: int, shards, part
         for part in parts:
             _mirror(Path(part.path), out)
         manifest = stage.merge(Path(shards.path), out, count=num_workers)
+        _by_reference(ctx, "cache", None, out)
     line = f"merged {len(manifest.shards)} latent shards from {num_workers} workers"
     ctx.note("cache", "done", line)
     say("cache_merge", line)
@@ -890,13 +891,36 @@ def _by_reference(ctx: Context, stage: str, store: Path | None, out: Path, extra
     """The output artifact of a stage that wrote into the workspace's `store`: this
     run's manifest and where the shards are (`store.json`), not a copy of the shards,
     so a run uploads and every consumer downloads kilobytes, whatever the data's size.
-    Without a workspace the stage wrote into `out` itself. The manifest is also kept
-    under the run's notes, for `t2i store gc`."""
+    With `pipeline.store` (an object store, T2I_STORE) the new shards are uploaded there
+    and `store.json` names it, with or without a workspace. Without either the stage
+    wrote into `out` itself. The manifest is also kept under the run's notes (and, with
+    an object store, in it), for `t2i store gc`."""
+    from components.common import objects
     from components.common.records import write_store_ref
 
+    uri = os.environ.get(objects.STORE_ENV) or None
+    if store is None and uri is None:
+        return
+    folder = store if store is not None else out
+    manifest = folder / "manifest.json"
+    if uri is not None:
+        doc = json.loads(manifest.read_text())
+        count, size = objects.upload(folder, uri, [(s["name"], s["sha256"]) for s in doc["shards"]])
+        say(stage, f"{count} new shards ({size / 1e6:.1f} MB) uploaded to {uri}")
+        if store is None:  # the artifact keeps the manifest (and rejected.jsonl) only
+            for path in out.iterdir():
+                if path.is_file() and path.name not in ("manifest.json", *extra):
+                    path.unlink()
+        run_id = os.environ.get(RUN_ID_ENV, "")
+        if run_id:
+            objects.ObjectStore(uri).put_json(f"runs/{run_id}/{stage}-manifest.json", doc)
+    elif (folder / objects.UPLOADED).exists():  # the object store given up: back here
+        doc = json.loads(manifest.read_text())
+        count = objects.restore(folder, [(s["name"], s["sha256"]) for s in doc["shards"]])
+        say(stage, f"{count} shards downloaded back from {objects.store_of(folder)}")
+    write_store_ref(out, uri if uri is not None else store, manifest)
     if store is None:
         return
-    write_store_ref(out, store, store / "manifest.json")
     for name in extra:
         if (store / name).is_file():
             shutil.copyfile(store / name, out / name)

@@ -15,6 +15,13 @@ the stores only grow, until this collects what nothing kept names:
 It also collects the `.parts/` of a pack fan-out whose files are all older than a day
 (its merge never ran).
 
+With `pipeline.store` (an object store), the shards live there by sha256 and
+`gc_objects` (`t2i store gc --store URI`) keeps every object that one of these names:
+the newest `keep_runs` runs' manifests (which the stages also leave in the store, under
+`runs/`), each workspace store's current manifest (with `--workspace`), and the
+published versions' lineage; and every object less than a day old (a run uploading
+now has not written its manifest yet).
+
 Deleting a shard that a KFP cache entry older than the kept runs still names makes
 that cached output fail when used ("its shards live in ..."): keep as many runs as
 you may revert data to (or run with `pipeline.retrain: always` after a revert).
@@ -103,11 +110,12 @@ def gc(workspace: Path, keep_runs: int = 5, registry: Path | None = None, delete
     return listed + found.summary(False)
 
 
-def _names(manifest: Path) -> set[str]:
+def _names(manifest: Path, field: str = "name") -> set[str]:
+    """The `field` of every shard `manifest` names (none when it is not there)."""
     if not manifest.is_file():
         return set()
     try:
-        return {s["name"] for s in json.loads(manifest.read_text()).get("shards", [])}
+        return {s[field] for s in json.loads(manifest.read_text()).get("shards", [])}
     except (ValueError, KeyError, TypeError):
         return set()
 
@@ -123,3 +131,77 @@ def _published_names(registry: Path) -> set[str]:
         names |= {s["name"] for s in (doc.get("pack") or {}).get("shards", [])}
         names |= {s["name"] for s in (doc.get("cache") or {}).get("shards", [])}
     return names
+
+
+@dataclass
+class ObjectCollection:
+    keep: set[str] = field(default_factory=set)  # sha256
+    delete: dict[str, int] = field(default_factory=dict)  # sha256 -> size
+    objects: int = 0
+
+    def summary(self, uri: str, deleted: bool) -> str:
+        verb = "deleted" if deleted else "would delete"
+        size = sum(self.delete.values()) / 1e6
+        return (
+            f"{uri}: {verb} {len(self.delete)} of {self.objects} objects ({size:.1f} MB); "
+            f"{self.objects - len(self.delete)} kept"
+            + ("" if deleted else " (a dry run: --delete deletes them)")
+        )
+
+
+def collect_objects(
+    uri: str, keep_runs: int = 5, workspace: Path | None = None, registry: Path | None = None
+) -> ObjectCollection:
+    """What `gc_objects` would delete in the object store `uri`."""
+    from components.common.objects import ObjectStore
+
+    store = ObjectStore(uri)
+    found = ObjectCollection()
+    for _, manifests in store.run_manifests()[-keep_runs:] if keep_runs else []:
+        for doc in manifests:
+            found.keep |= {s["sha256"] for s in doc.get("shards", [])}
+    if workspace is not None:
+        workspace = Path(workspace)
+        for manifest in workspace.glob("*/*/manifest.json"):  # each store's current one
+            if manifest.parent.parent.name in ("pack", "cache"):
+                found.keep |= _shas(manifest)
+        runs = sorted(workspace.glob("runs/*"), key=lambda p: p.stat().st_mtime_ns)
+        for run in runs[-keep_runs:] if keep_runs else []:
+            for manifest in run.glob("*-manifest.json"):
+                found.keep |= _shas(manifest)
+    if registry is not None:
+        for lineage in Path(registry).glob("*/*/lineage.json"):
+            try:
+                doc = json.loads(lineage.read_text())
+            except ValueError:
+                continue
+            for part in ("pack", "cache"):
+                found.keep |= {s["sha256"] for s in (doc.get(part) or {}).get("shards", [])}
+    fresh = time.time() - STALE_PARTS_S
+    listed = store.objects_detail()
+    found.objects = len(listed)
+    for sha, (size, mtime) in listed.items():
+        if sha not in found.keep and (mtime is None or mtime < fresh):
+            found.delete[sha] = size
+    return found
+
+
+def gc_objects(
+    uri: str,
+    keep_runs: int = 5,
+    workspace: Path | None = None,
+    registry: Path | None = None,
+    delete: bool = False,
+) -> str:
+    from components.common.objects import ObjectStore
+
+    found = collect_objects(uri, keep_runs, workspace, registry)
+    if delete:
+        ObjectStore(uri).delete(sorted(found.delete))
+        return found.summary(uri, True)
+    listed = "".join(f"  {sha}\n" for sha in sorted(found.delete))
+    return listed + found.summary(uri, False)
+
+
+def _shas(manifest: Path) -> set[str]:
+    return _names(manifest, "sha256")

@@ -135,6 +135,10 @@ def manifest(params: Params, name: str, args: list[str], namespace: str | None =
     if p.hf_token_secret:
         ref = {"name": p.hf_token_secret.name, "key": p.hf_token_secret.key}
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": ref}})
+    if p.store and p.storage_secret:  # the nodes read the latents from the object store
+        for key in p.storage_secret.keys:
+            ref = {"name": p.storage_secret.name, "key": key}
+            env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
     labels = {"app.kubernetes.io/part-of": "t2i-pipeline", "app.kubernetes.io/name": p.name[:63]}
     if p.trainer.queue:
         labels[QUEUE_LABEL] = p.trainer.queue

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from components.cache_latents.encode import LatentEncoder
+from components.common import objects
 from components.common.config import CacheConfig
 from components.common.errors import T2IError
 from components.common.io import check_sha, sha256_json, write_json_atomic
@@ -36,7 +37,7 @@ from components.common.records import (
     PackManifest,
     pack_lineage,
     read_pack_manifest,
-    shard_root,
+    shard_file,
     write_record,
 )
 from components.common.shards import write_shard
@@ -204,9 +205,11 @@ def _committed(out: Path, job: dict, hashes: StatIndex) -> bool:
     only when the shard's stat changed since it was last hashed)."""
     try:
         receipt = json.loads((out / (job["file"] + RECEIPT)).read_text())
-        return (
-            receipt["key"] == job["key"] and hashes.sha256(out / job["file"]) == receipt["sha256"]
-        )
+        if receipt["key"] != job["key"]:
+            return False
+        if not (out / job["file"]).exists():  # uploaded to the object store, if anywhere
+            return objects.uploaded(out).get(job["file"]) == receipt["sha256"]
+        return hashes.sha256(out / job["file"]) == receipt["sha256"]
     except (OSError, ValueError, KeyError):
         return False
 
@@ -214,7 +217,7 @@ def _committed(out: Path, job: dict, hashes: StatIndex) -> bool:
 def _encode_job(
     job: dict, encoder: LatentEncoder, shards: Path, out: Path, bar, hashes: StatIndex
 ) -> list[str]:
-    shard = shard_root(shards) / job["name"]
+    shard = shard_file(shards, job["name"])
     check_sha(shard, job["sha256"])  # read anyway, to be encoded
     records, failed = encoder.encode_shard(shard, bar)
     if failed:

@@ -510,6 +510,12 @@ class PipelineConfig(Section):
     # pack_workers > 1: pack in that many parallel tasks (each its part of the listing,
     # by key hash), then a merge; they share the workspace's store.
     pack_workers: int = Field(1, ge=1, le=256)
+    # An object store for the shards and latent shards (s3://bucket/prefix, gs://...):
+    # they live there once, by sha256, and the KFP outputs carry manifests that point
+    # there; every pod reads the shards it needs from it (no shared volume needed).
+    # Credentials: storage_secret. null: the workspace holds them (or, without one, the
+    # outputs themselves).
+    store: str | None = None
     # The storage class of the stages' /scratch volumes (resources.<stage>.
     # ephemeral_storage); null: the cluster's default class.
     scratch_storage_class: str | None = Field(None, pattern=_K8S_NAME)
@@ -568,6 +574,11 @@ class PipelineConfig(Section):
                     "resources.train.nodes > 1 needs pipeline.workspace_pvc: the nodes share "
                     "the latents, the base model and the checkpoints on it"
                 )
+        if self.store is not None and self.cache_workers > 1 and not self.workspace_pvc:
+            raise ValueError(
+                "cache_workers > 1 with store needs pipeline.workspace_pvc: the workers "
+                "record there which latent shards they uploaded"
+            )
         if self.pack_workers > 1 and not self.workspace_pvc:
             raise ValueError(
                 "pack_workers > 1 needs pipeline.workspace_pvc: the workers share its store"
@@ -591,6 +602,13 @@ class PipelineConfig(Section):
         return bool(self.workspace_pvc) and (
             self.resources["train"].nodes > 1 or self.cache_workers > 1 or self.pack_workers > 1
         )
+
+    @field_validator("store")
+    @classmethod
+    def _object_store(cls, v: str | None) -> str | None:
+        from components.common.objects import check_uri
+
+        return None if v is None else check_uri(v)
 
     @field_validator("image")
     @classmethod

@@ -49,12 +49,19 @@ STORE_REF = "store.json"  # in an output that holds manifests only: where its sh
 
 def shard_root(folder: Path) -> Path:
     """Where the shards a manifest in `folder` names are: `folder` itself, or, for an
-    output by reference (a pipeline's workspace store: `store.json` beside the
-    manifest), the store's folder. T2IError when that store is gone."""
+    output by reference (`store.json` beside the manifest), the workspace store's
+    folder, or, for a store in object storage (`pipeline.store`), a local folder of
+    the shards downloaded from it (each checked, once per node). T2IError when that
+    store is gone."""
     ref = Path(folder) / STORE_REF
     if not ref.is_file():
         return Path(folder)
-    store = Path(json.loads(ref.read_text())["store"])
+    doc = json.loads(ref.read_text())
+    if "objects" in doc:
+        from components.common import objects
+
+        return objects.view(doc["objects"], _listed(Path(folder)))
+    store = Path(doc["store"])
     if not store.is_dir():
         raise T2IError(
             f"{folder}: its shards live in {store}, which is not there (is the workspace "
@@ -63,15 +70,44 @@ def shard_root(folder: Path) -> Path:
     return store
 
 
-def write_store_ref(folder: Path, store: Path, manifest: Path) -> None:
+def shard_files(folder: Path, names: list[str]) -> dict[str, Path]:
+    """{name: file} of the shards `names` of the output `folder`: like `shard_root(folder)
+    / name`, but from an object store only these shards are downloaded."""
+    ref = Path(folder) / STORE_REF
+    if ref.is_file() and "objects" in (doc := json.loads(ref.read_text())):
+        from components.common import objects
+
+        shas = dict(_listed(Path(folder)))
+        missing = [n for n in names if n not in shas]
+        if missing:
+            raise T2IError(f"{folder}: its manifest names no shard {missing[0]}")
+        root = objects.view(doc["objects"], [(n, shas[n]) for n in names])
+    else:
+        root = shard_root(folder)
+    return {n: root / n for n in names}
+
+
+def shard_file(folder: Path, name: str) -> Path:
+    return shard_files(folder, [name])[name]
+
+
+def _listed(folder: Path) -> list[tuple[str, str]]:
+    """(name, sha256) of each shard the manifest in `folder` names."""
+    doc = json.loads((folder / "manifest.json").read_text())
+    return [(s["name"], s["sha256"]) for s in doc.get("shards", [])]
+
+
+def write_store_ref(folder: Path, store: Path | str, manifest: Path) -> None:
     """Make `folder` (an output artifact) an output by reference: a copy of the store's
     `manifest` (this run's, which the store's own will move on from) and where the
-    shards are."""
+    shards are: a workspace store's folder, or an object store's URI."""
     import shutil
 
     Path(folder).mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(manifest, Path(folder) / manifest.name)
-    write_json_atomic(Path(folder) / STORE_REF, {"store": str(Path(store).resolve())})
+    if Path(manifest).resolve() != (Path(folder) / manifest.name).resolve():
+        shutil.copyfile(manifest, Path(folder) / manifest.name)
+    where = {"objects": store} if isinstance(store, str) else {"store": str(Path(store).resolve())}
+    write_json_atomic(Path(folder) / STORE_REF, where)
 
 
 class Record(BaseModel):
@@ -208,12 +244,12 @@ def verify_latents(latents: Path, split: str | None = None) -> LatentManifest:
     from components.common.stat_index import StatIndex
 
     manifest = read_latent_manifest(latents)
-    root = shard_root(latents)
-    hashes = StatIndex.outside(root)
+    wanted = [s for s in manifest.shards if split is None or s.split == split]
+    files = shard_files(latents, [s.name for s in wanted])
+    hashes = StatIndex.outside(next(iter(files.values())).parent if files else latents)
     try:
-        for shard in manifest.shards:
-            if split is None or shard.split == split:
-                check_sha(root / shard.name, shard.sha256, hashes)
+        for shard in wanted:
+            check_sha(files[shard.name], shard.sha256, hashes)
     finally:
         hashes.save()
     return manifest
@@ -228,11 +264,12 @@ def load_latent_split(latents: Path, split: str) -> list[dict[str, Any]]:
     from components.common.shards import read_shard
 
     manifest = verify_latents(latents, split)
+    files = shard_files(latents, [s.name for s in manifest.shards if s.split == split])
     samples = []
     for shard in manifest.shards:
         if shard.split != split:
             continue
-        for record in read_shard(shard_root(latents) / shard.name):
+        for record in read_shard(files[shard.name]):
             tensors = pick_caption(st_load(record["safetensors"]), 0)
             samples.append(
                 {k: v.float() if v.is_floating_point() else v.long() for k, v in tensors.items()}

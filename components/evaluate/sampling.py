@@ -18,7 +18,7 @@ from PIL import Image
 from components.common.captions import split_captions
 from components.common.config import EvaluateConfig
 from components.common.errors import ConfigError
-from components.common.records import read_pack_manifest, shard_root
+from components.common.records import read_pack_manifest, shard_files
 from components.common.shards import read_shard
 
 SCHEDULERS = {
@@ -83,9 +83,9 @@ def heldout_images(shards: Path | None, cfg: EvaluateConfig, resolution: int) ->
         raise ConfigError("evaluate needs the pack output for held-out images: pass --shards")
     manifest = read_pack_manifest(shards)
     records = []
-    for shard in manifest.shards:
-        if shard.split == "val":
-            records += [(r["__key__"], r) for r in read_shard(shard_root(shards) / shard.name)]
+    files = shard_files(shards, [s.name for s in manifest.shards if s.split == "val"])
+    for path in files.values():
+        records += [(r["__key__"], r) for r in read_shard(path)]
     if len(records) < cfg.heldout_captions:
         raise ConfigError(heldout_shortfall(cfg, len(records)))
     records.sort(key=lambda kr: kr[0])

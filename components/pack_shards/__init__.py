@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from components.common import objects
 from components.common.config import DataConfig, PackConfig
 from components.common.errors import T2IError
 from components.common.io import write_bytes_atomic
@@ -342,7 +343,8 @@ def _source_name(source: Path, data: DataConfig) -> str:
 
 
 def _max_serial(out: Path) -> int:
-    found = [int(m.group(2)) for p in out.glob("*.tar") if (m := _SHARD_NAME.match(p.name))]
+    names = [p.name for p in out.glob("*.tar")] + list(objects.uploaded(out))
+    found = [int(m.group(2)) for n in names if (m := _SHARD_NAME.match(n))]
     return max(found, default=-1)
 
 

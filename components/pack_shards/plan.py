@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from components.common import objects
 from components.common.config import PackConfig
 from components.common.errors import T2IError
 from components.common.io import sha256_json
@@ -144,11 +145,14 @@ class PreviousPack:
 
     def _trust(self, manifest: PackManifest, hashes: StatIndex) -> None:
         """Take in each listed shard that still matches its sha256, with its members."""
+        stored = objects.uploaded(self.out)  # in the object store, not here
         for entry in manifest.shards:
             index = self.out / (entry.name + ".index.json")
             path = self.out / entry.name
             try:
-                if hashes.sha256(path) != entry.sha256:
+                if not path.exists() and stored.get(entry.name) == entry.sha256:
+                    pass  # content-addressed: the object is these bytes
+                elif hashes.sha256(path) != entry.sha256:
                     hashes.forget(path)
                     continue  # corrupt or changed shard: its samples are packed again
                 members = json.loads(index.read_text())
@@ -174,7 +178,8 @@ class PreviousPack:
         return todo
 
     def records(self, shard: str) -> dict[str, dict[str, bytes]]:
-        return {r["__key__"]: r for r in read_shard(self.out / shard)}
+        path = objects.local_or_fetched(self.out, shard, self.shards[shard]["sha256"])
+        return {r["__key__"]: r for r in read_shard(path)}
 
 
 @dataclass

@@ -36,7 +36,7 @@ from safetensors.torch import load as st_load
 
 from components.common.captions import caption_count, caption_index, pick_caption, shuffle_tags
 from components.common.errors import ConfigError
-from components.common.records import LatentManifest, shard_root
+from components.common.records import LatentManifest, shard_files
 from components.common.shards import read_shard
 
 
@@ -130,14 +130,15 @@ class LatentStream:
     def from_manifest(
         cls, latents: Path, manifest: LatentManifest, max_samples: int | None, **kw
     ) -> LatentStream:
-        refs, left, root = [], max_samples, shard_root(latents)
+        refs, left = [], max_samples
+        files = shard_files(latents, [s.name for s in manifest.shards if s.split == "train"])
         for shard in manifest.shards:
             if shard.split != "train" or left == 0:
                 continue
             n = shard.samples if left is None else min(left, shard.samples)
             sample_buckets = shard.sample_buckets
             buckets = tuple(sample_buckets[:n]) if sample_buckets is not None else None
-            refs.append(ShardRef(root / shard.name, n, buckets))
+            refs.append(ShardRef(files[shard.name], n, buckets))
             left = None if left is None else left - n
         return cls(refs, buckets=manifest.buckets, **kw)
 
