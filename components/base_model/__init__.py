@@ -1,6 +1,7 @@
 """base-model: the frozen starting point, as a diffusers Stable Diffusion folder.
 
-`model.source: tiny` builds a tiny SD pipeline offline from `model.seed`; a local
+`model.source: tiny` builds a tiny SD pipeline offline from `model.seed` (`tiny-sdxl`:
+a tiny SDXL); a local
 folder is copied; a hub id is taken from the Hugging Face cache or downloaded at `model.revision`
 (offline: the cache only; not cached, a config error).
 """
@@ -20,6 +21,7 @@ from components.common.records import BASE_MODEL_RECORD, BaseModelRecord, write_
 
 # Files worth downloading from a hub repo: configs, safetensors weights, tokenizer, and
 # the card (README.md: its license is the fine-tune's default).
+TINY = ("tiny", "tiny-sdxl")  # built offline from model.seed
 _HUB_PATTERNS = ["*.json", "*.txt", "*.safetensors", "tokenizer/*", "README.md"]
 
 
@@ -46,6 +48,12 @@ def run(cfg: ModelConfig, out: Path) -> BaseModelReport:
             build_tiny_pipeline(
                 cfg.seed, cfg.tiny_vae_steps, cfg.tiny_prediction_type
             ).save_pretrained(tmp, safe_serialization=True)
+        elif cfg.source == "tiny-sdxl":
+            from components.base_model.tiny import build_tiny_sdxl
+
+            build_tiny_sdxl(cfg.seed, cfg.tiny_vae_steps, cfg.tiny_prediction_type).save_pretrained(
+                tmp, safe_serialization=True
+            )
         elif Path(cfg.source).exists():
             shutil.copytree(check_model_dir(Path(cfg.source)), tmp, dirs_exist_ok=True)
         else:
@@ -58,7 +66,7 @@ def run(cfg: ModelConfig, out: Path) -> BaseModelReport:
             revision=revision,
             unet_sha256=weights_sha256(tmp, "unet"),
             license=card_license(tmp),
-            seed=cfg.seed if cfg.source == "tiny" else None,
+            seed=cfg.seed if cfg.source in TINY else None,
         )
         write_record(record, tmp / BASE_MODEL_RECORD)
     return BaseModelReport(cfg.source, revision, record.unet_sha256, str(out))

@@ -24,7 +24,7 @@ def build_tiny_pipeline(seed: int, vae_steps: int = 0, prediction_type: str = "v
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     tokenizer = build_tiny_tokenizer()
     torch.manual_seed(seed)
@@ -57,20 +57,7 @@ def build_tiny_pipeline(seed: int, vae_steps: int = 0, prediction_type: str = "v
     if vae_steps:
         vae.register_to_config(scaling_factor=pretrain_vae(vae, seed, vae_steps))
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            max_position_embeddings=MAX_TOKENS,
-            projection_dim=32,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = CLIPTextModel(clip_config(tokenizer, 32, 2))
     # Word embeddings at unit scale (CLIP's init is 0.02, the size of the position
     # embeddings): a frozen random encoder then tells "red" from "blue" clearly enough
     # for the tiny UNet to learn the prompt in a few hundred steps.
@@ -98,6 +85,25 @@ def build_tiny_pipeline(seed: int, vae_steps: int = 0, prediction_type: str = "v
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+
+
+def clip_config(tokenizer, width: int, layers: int, act: str = "quick_gelu"):
+    """A tiny CLIP text encoder's config for `tokenizer`: `width` wide, `layers` deep."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_attention_heads=4,
+        num_hidden_layers=layers,
+        max_position_embeddings=MAX_TOKENS,
+        projection_dim=width,
+        hidden_act=act,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
 
 
@@ -134,3 +140,64 @@ def pretrain_vae(vae, seed: int, steps: int, resolution: int = 32, batch: int = 
     with torch.no_grad():
         std = float(vae.encode(pool[:256]).latent_dist.mean.std())
     return 1.0 / std
+
+
+def build_tiny_sdxl(
+    seed: int,
+    vae_steps: int = 0,
+    prediction_type: str = "epsilon",
+    widths: tuple[int, int] = (32, 32),
+):
+    """A tiny StableDiffusionXLPipeline with SDXL's layout, from a seed: a UNet with
+    `text_time` added conditioning (pooled text + six size/crop ids), two text encoders
+    (CLIP, and CLIP with projection, of `widths`) whose penultimate states are
+    concatenated as its cross-attention input, a VAE that upcasts to fp32, Euler."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = build_tiny_tokenizer()
+    sd = build_tiny_pipeline(seed, vae_steps, prediction_type)  # its VAE
+    sd.vae.register_to_config(force_upcast=True)
+    time_dim, pooled = 8, widths[1]
+    torch.manual_seed(seed + 5)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * time_dim + pooled,
+        cross_attention_dim=sum(widths),
+    )
+
+    # Three layers: the penultimate one is what conditions the UNet.
+    torch.manual_seed(seed + 6)
+    text_encoder = CLIPTextModel(clip_config(tokenizer, widths[0], 3, "gelu"))
+    torch.manual_seed(seed + 7)
+    text_encoder_2 = CLIPTextModelWithProjection(clip_config(tokenizer, widths[1], 3, "gelu"))
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type=prediction_type,
+    )
+    return StableDiffusionXLPipeline(
+        vae=sd.vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=build_tiny_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+    )

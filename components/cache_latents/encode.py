@@ -19,15 +19,11 @@ from PIL import Image
 from safetensors.torch import save as st_save
 
 from components.common.captions import split_captions
+from components.common.conditioning import TextEncoders, time_ids
 from components.common.config import CacheConfig
 from components.common.errors import ConfigError
-from components.common.models import (
-    default_device,
-    load_text_encoder,
-    load_tokenizer,
-    load_vae,
-    weights_sha256,
-)
+from components.common.families import family_of
+from components.common.models import default_device, load_vae, weights_sha256
 from components.common.shards import read_shard
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -41,15 +37,62 @@ INTERPOLATION = {
 }
 
 
-def vae_compute_dtype(cfg: CacheConfig, device: str, force_upcast: bool) -> torch.dtype:
+def vae_compute_dtype(
+    cfg: CacheConfig, device: str, force_upcast: bool, full_precision: bool = False
+) -> torch.dtype:
     """The VAE's dtype: `auto` is bf16 on CUDA and fp32 elsewhere; fp16 becomes fp32
-    when the VAE config says `force_upcast` (its activations overflow in fp16)."""
+    when the VAE config says `force_upcast` (its activations overflow in fp16);
+    `full_precision` (SDXL's own VAE, as its training script runs it) is always fp32."""
     name = cfg.vae_dtype
     if name == "auto":
         name = "bf16" if device.startswith("cuda") else "fp32"
-    if name == "fp16" and force_upcast:
+    if (name == "fp16" and force_upcast) or full_precision:
         name = "fp32"
     return DTYPES[name]
+
+
+def vae_source(model: Path, cfg: CacheConfig) -> tuple[Path, str | None]:
+    """(folder, subfolder) of the VAE the latents are made with: the model's, or
+    `cache.pretrained_vae_model_name_or_path` (a folder with or without `vae/`, or a
+    hub id in the cache). ConfigError when that cannot be found."""
+    name = cfg.pretrained_vae_model_name_or_path
+    if name is None:
+        return Path(model), "vae"
+    path = Path(name)
+    if not path.exists():
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors"]))
+        except Exception as e:  # offline, unknown repo, no access
+            raise ConfigError(
+                f"cache.pretrained_vae_model_name_or_path {name!r}: not a folder, and cannot "
+                f"be downloaded ({type(e).__name__}); download it once online or give a folder"
+            ) from None
+    if (path / "vae" / "config.json").is_file():
+        return path, "vae"
+    if (path / "config.json").is_file():
+        return path, None
+    raise ConfigError(
+        f"cache.pretrained_vae_model_name_or_path {name!r}: no VAE there (config.json, "
+        "or vae/config.json)"
+    )
+
+
+def load_cache_vae(model: Path, cfg: CacheConfig):
+    from diffusers import AutoencoderKL
+
+    if cfg.pretrained_vae_model_name_or_path is None:
+        return load_vae(model)
+    folder, sub = vae_source(model, cfg)
+    return AutoencoderKL.from_pretrained(folder, **({"subfolder": sub} if sub else {}))
+
+
+def vae_sha256(model: Path, cfg: CacheConfig) -> str:
+    folder, sub = vae_source(model, cfg)
+    if sub is None:  # a bare VAE folder: hash it as the part of its parent
+        return weights_sha256(folder.parent, folder.name, check=False)
+    return weights_sha256(folder, sub)
 
 
 class LatentEncoder:
@@ -59,12 +102,16 @@ class LatentEncoder:
         self, model: Path, cfg: CacheConfig, device: str | None = None, max_aspect: float = 4.0
     ):
         self.cfg, self.device = cfg, device or default_device()
-        vae = load_vae(model).eval()
+        self.family = family_of(model)
+        vae = load_cache_vae(model, cfg).eval()
         self.buckets = None
         if cfg.buckets:
             step = bucket_step(model, cfg, vae.config)
             self.buckets = bucket_sizes(cfg.resolution, step, max_aspect)
-        self.dtype = vae_compute_dtype(cfg, self.device, vae.config.get("force_upcast", False))
+        own_sdxl_vae = self.family.micro_conditioning and not cfg.pretrained_vae_model_name_or_path
+        self.dtype = vae_compute_dtype(
+            cfg, self.device, vae.config.get("force_upcast", False), own_sdxl_vae
+        )
         self.vae = vae.to(self.device)
         if self.dtype != torch.float32:  # (a no-op cast still makes diffusers warn)
             self.vae = self.vae.to(dtype=self.dtype)
@@ -72,10 +119,9 @@ class LatentEncoder:
             self.vae.enable_slicing()
         if cfg.vae_tiling:
             self.vae.enable_tiling()
-        self.tokenizer = load_tokenizer(model)
-        self.text_encoder = None
-        if cfg.text_embeddings:
-            self.text_encoder = load_text_encoder(model).eval().to(self.device, self.dtype)
+        self.text = TextEncoders.load(
+            model, encoders=cfg.text_embeddings, device=self.device, dtype=self.dtype
+        )
         self.model_key = model_key(model, cfg, self.vae.config, self.dtype)
         if self.buckets:
             self.model_key["buckets"] = [list(b) for b in self.buckets]
@@ -118,7 +164,7 @@ class LatentEncoder:
             size = (self.cfg.resolution,) * 2
             if self.buckets:
                 size = nearest_bucket(image.width, image.height, self.buckets)
-            pixels, crop = preprocess(image, self.cfg, sample["__key__"], size)
+            pixels, crop, resized = preprocess(image, self.cfg, sample["__key__"], size, True)
         except (OSError, ValueError, StopIteration, UnicodeDecodeError):
             return None
         captions = split_captions(sample.get("txt", b"").decode("utf-8"))
@@ -128,6 +174,10 @@ class LatentEncoder:
             "original_size": [image.height, image.width],
             "crop_coords_top_left": list(crop),
         }
+        if self.family.micro_conditioning:
+            meta["target_size"] = [int(pixels.shape[1]), int(pixels.shape[2])]
+            # The mirrored view's crop, measured from its own left edge (as kohya's).
+            meta["flip_crop_coords_top_left"] = [crop[0], resized[1] - crop[1] - pixels.shape[2]]
         if self.buckets:
             meta["bucket"] = list(size)
         return pixels, meta
@@ -146,10 +196,15 @@ class LatentEncoder:
             n = len(meta["captions"])
             rows = slice(row, row + n) if n > 1 else row
             row += n
-            tensors["input_ids"] = texts["input_ids"][rows].to(torch.int32).contiguous()
-            if "encoder_hidden_states" in texts:
-                hidden = texts["encoder_hidden_states"][rows]
-                tensors["encoder_hidden_states"] = hidden.to(store).contiguous()
+            for name, value in texts.items():
+                kind = torch.int32 if name.startswith("input_ids") else store
+                tensors[name] = value[rows].to(kind).contiguous()
+            if self.family.micro_conditioning:
+                original, target = meta["original_size"], meta["target_size"]
+                tensors["time_ids"] = time_ids(original, meta["crop_coords_top_left"], target)
+                if self.cfg.random_flip:
+                    flip = meta["flip_crop_coords_top_left"]
+                    tensors["time_ids_flip"] = time_ids(original, flip, target)
             records.append(
                 {
                     "__key__": sample["__key__"],
@@ -160,25 +215,18 @@ class LatentEncoder:
         return records
 
     def _encode_captions(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        """Token ids (and text embeddings with `cache.text_embeddings`), a row per caption."""
-        ids = self.tokenizer(
-            captions,
-            padding="max_length",
-            truncation=True,
-            max_length=self.tokenizer.model_max_length,
-            return_tensors="pt",
-        ).input_ids
-        out = {"input_ids": ids}
-        if self.text_encoder is not None:
-            hidden = self.text_encoder(ids.to(self.device), return_dict=False)[0]
-            out["encoder_hidden_states"] = hidden.float().cpu()
+        """Token ids (and text states with `cache.text_embeddings`), a row per caption."""
+        out = self.text.tokenize(captions)
+        if self.text.encoders is not None:
+            out.update({k: v.float().cpu() for k, v in self.text.encode(out).items()})
         return out
 
 
 def model_key(model: Path, cfg: CacheConfig, vae_config, dtype: torch.dtype) -> dict:
     """Everything besides the input shard that changes what is cached."""
+    family = family_of(model)
     key = {
-        "vae": weights_sha256(model, "vae"),
+        "vae": vae_sha256(model, cfg),
         "tokenizer": weights_sha256(model, "tokenizer"),
         "scaling_factor": vae_config.scaling_factor,
         "resolution": cfg.resolution,
@@ -190,6 +238,14 @@ def model_key(model: Path, cfg: CacheConfig, vae_config, dtype: torch.dtype) -> 
     }
     if cfg.text_embeddings:
         key["text_encoder"] = weights_sha256(model, "text_encoder")
+    if family.name != "sd":  # (SD 1.x/2.x keys stay as they were)
+        key["family"] = family.name
+        for tok, enc in family.text_parts[1:]:
+            key[tok] = weights_sha256(model, tok)
+            if cfg.text_embeddings:
+                key[enc] = weights_sha256(model, enc)
+        if family.micro_conditioning:
+            key["micro_conditioning"] = "original,crop,target;flip:mirrored-crop"
     return key
 
 
@@ -249,12 +305,17 @@ def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> t
 
 
 def preprocess(
-    image: Image.Image, cfg: CacheConfig, key: str, size: tuple[int, int] | None = None
-) -> tuple[torch.Tensor, tuple]:
+    image: Image.Image,
+    cfg: CacheConfig,
+    key: str,
+    size: tuple[int, int] | None = None,
+    resized: bool = False,
+) -> tuple:
     """The recipe's transforms: resized (`image_interpolation_mode`) to cover `size`
     (width, height; default the `resolution` square, i.e. the shortest side to
     `resolution`), center or seeded random crop to `size`, to [-1, 1]. Returns the
-    CHW tensor and (top, left) of the crop."""
+    CHW tensor and (top, left) of the crop (and, with `resized`, the resized image's
+    (height, width))."""
     bw, bh = size or (cfg.resolution, cfg.resolution)
     scale = max(bw / image.width, bh / image.height)
     w, h = max(bw, round(image.width * scale)), max(bh, round(image.height * scale))
@@ -266,7 +327,8 @@ def preprocess(
         top, left = int(rng.integers(0, h - bh + 1)), int(rng.integers(0, w - bw + 1))
     image = image.crop((left, top, left + bw, top + bh))
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous(), (top, left)
+    pixels = torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    return (pixels, (top, left), (h, w)) if resized else (pixels, (top, left))
 
 
 @torch.inference_mode()

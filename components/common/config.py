@@ -39,7 +39,8 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    # "tiny" (built offline), a Hugging Face hub id, or a local diffusers folder.
+    # "tiny" / "tiny-sdxl" (built offline: SD / SDXL layout), a Hugging Face hub id, or
+    # a local diffusers folder (SD 1.x/2.x or SDXL: the family comes from the model).
     source: str = "tiny"
     revision: str | None = None
     seed: int = 0
@@ -112,6 +113,10 @@ class CacheConfig(Section):
     vae_tiling: bool = False
     # Also cache the text encoder's last hidden state (the recipe's encoder_hidden_states).
     text_embeddings: bool = False
+    # Another VAE for the latents (a folder or hub id): SDXL's fp16-fix VAE
+    # (madebyollin/sdxl-vae-fp16-fix), which train saves with the model. Without it an
+    # SDXL VAE runs in fp32 (it overflows in fp16).
+    pretrained_vae_model_name_or_path: str | None = None
     seed: int = 0
     # Aspect-ratio buckets: each image is resized and cropped to the bucket (width,
     # height: multiples of bucket_step, area close to resolution², aspect within
@@ -169,6 +174,14 @@ class TrainConfig(Section):
     dream_training: bool = False
     dream_detail_preservation: float = Field(1.0, ge=0)
     proportion_empty_prompts: float = Field(0.0, ge=0, le=1)
+    # The SDXL recipe's timestep bias (any family): none samples timesteps uniformly;
+    # earlier / later weigh the first / last timestep_bias_portion of them by
+    # timestep_bias_multiplier; range weighs [timestep_bias_begin, timestep_bias_end).
+    timestep_bias_strategy: Literal["none", "earlier", "later", "range"] = "none"
+    timestep_bias_multiplier: float = Field(1.0, gt=0)
+    timestep_bias_begin: int = Field(0, ge=0)
+    timestep_bias_end: int = Field(1000, ge=1)
+    timestep_bias_portion: float = Field(0.25, ge=0, le=1)
     # Captions. A sample with several captions trains on one per epoch, drawn from
     # (seed, epoch, key). shuffle_caption: its comma-separated tags in an order drawn
     # per step, the first keep_tokens tags kept in place (kohya's shuffle_caption /
@@ -226,6 +239,11 @@ class TrainConfig(Section):
             raise ValueError("offload_ema needs use_ema: true")
         if self.non_ema_revision and not self.use_ema:
             raise ValueError("non_ema_revision needs use_ema: true")
+        if self.timestep_bias_begin >= self.timestep_bias_end:
+            raise ValueError(
+                f"timestep_bias_begin ({self.timestep_bias_begin}) must be below "
+                f"timestep_bias_end ({self.timestep_bias_end})"
+            )
         if self.keep_tokens and not self.shuffle_caption:
             raise ValueError(
                 "keep_tokens needs shuffle_caption: true (it keeps leading tags in place)"
@@ -324,7 +342,8 @@ class PublishConfig(Section):
     license: str | None = None
     tag_format: str = "v{version}"
     # Files ComfyUI and AUTOMATIC1111 load, beside the diffusers folder: the full model
-    # as one LDM-layout `<name>.safetensors` (SD 1.x/2.x topology only), a LoRA as a
+    # as one LDM-layout (SDXL: SGM) `<name>.safetensors` (the real SD 1.x/2.x or SDXL
+    # topology only), a LoRA as a
     # kohya-format `<name>.kohya.safetensors`. single_file_half: fp16 tensors.
     single_file: bool = True
     single_file_half: bool = False

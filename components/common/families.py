@@ -1,7 +1,18 @@
 """Model families: which kinds of base model the pipeline trains, read from the model.
 
 A diffusers folder says what it is in `model_index.json` (`_class_name`, the pipeline
-class). Stages ask `family_of(model)` and never branch on model names.
+class). Stages ask `family_of(model)` and never branch on model names; what differs
+between families is here and in `conditioning.py` (what conditions the denoiser):
+
+- **sd** (SD 1.x/2.x): one CLIP tokenizer and text encoder; the UNet is conditioned
+  on the encoder's last hidden states.
+- **sdxl**: two tokenizers and encoders (CLIP ViT-L, OpenCLIP bigG with projection);
+  the UNet takes both encoders' penultimate hidden states concatenated, and, as
+  `added_cond_kwargs`, the second's pooled embedding (`text_embeds`) and six
+  micro-conditioning numbers (`time_ids`: original size, crop top-left, target size).
+
+A further family (a transformer: SD3, FLUX) adds a `Family` here and its text and
+denoiser inputs in `conditioning.py`; the stages call the same functions.
 """
 
 from __future__ import annotations
@@ -18,10 +29,55 @@ class Family:
     name: str
     pipeline_class: str
     label: str
+    # (tokenizer, text encoder) subfolders, in the order their outputs are used
+    text_parts: tuple[tuple[str, str], ...]
+    # the Hub tags its fine-tunes get
+    tags: tuple[str, ...]
+    # SDXL's size and crop micro-conditioning (`time_ids`)
+    micro_conditioning: bool = False
+    # the pooled text embedding conditions the denoiser too (`text_embeds`)
+    pooled: bool = False
+
+    @property
+    def token_names(self) -> tuple[str, ...]:
+        """Per caption: the token ids cached for each tokenizer."""
+        return tuple(
+            "input_ids" + ("" if i == 0 else f"_{i + 1}") for i in range(len(self.text_parts))
+        )
+
+    @property
+    def caption_tensors(self) -> dict[str, int]:
+        """Per caption, what a cached sample holds, and how many dimensions one has."""
+        found = {name: 1 for name in self.token_names}
+        found["encoder_hidden_states"] = 2
+        if self.pooled:
+            found["text_embeds"] = 1
+        return found
+
+    def pipeline(self):
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_class)
 
 
-SD = Family("sd", "StableDiffusionPipeline", "Stable Diffusion 1.x/2.x")
-FAMILIES = {f.pipeline_class: f for f in (SD,)}
+SD = Family(
+    "sd",
+    "StableDiffusionPipeline",
+    "Stable Diffusion 1.x/2.x",
+    (("tokenizer", "text_encoder"),),
+    ("stable-diffusion", "stable-diffusion-diffusers"),
+)
+SDXL = Family(
+    "sdxl",
+    "StableDiffusionXLPipeline",
+    "Stable Diffusion XL",
+    (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")),
+    ("stable-diffusion-xl", "stable-diffusion-xl-diffusers"),
+    micro_conditioning=True,
+    pooled=True,
+)
+FAMILIES = {f.pipeline_class: f for f in (SD, SDXL)}
+BY_NAME = {f.name: f for f in FAMILIES.values()}
 
 
 def pipeline_class(model: Path) -> str | None:
@@ -45,5 +101,12 @@ def family_of(model: Path, key: str = "model.source") -> Family:
         raise ConfigError(
             f"{key}: {model} is a {name or 'model without a pipeline class'}; this pipeline "
             f"trains {supported}"
+        )
+    needed = [p for pair in found.text_parts for p in pair] + ["unet", "vae", "scheduler"]
+    missing = [p for p in needed if not (Path(model) / p).is_dir()]
+    if missing:
+        raise ConfigError(
+            f"{key}: {model} names {name} in model_index.json but lacks "
+            f"{', '.join(missing)}; it is not a complete {found.label} folder"
         )
     return found

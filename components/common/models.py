@@ -71,16 +71,17 @@ def load_noise_scheduler(path: Path, **options):
     return DDPMScheduler.from_pretrained(check_model_dir(path), subfolder="scheduler", **options)
 
 
-def weights_sha256(path: Path, part: str) -> str:
+def weights_sha256(path: Path, part: str, check: bool = True) -> str:
     """Hash of one part's weights and config, independent of where the folder lives.
 
     Used in cache keys and receipts. Config keys that only record provenance
-    (`_name_or_path`, library versions) are left out.
+    (`_name_or_path`, library versions) are left out. `check=False`: `path/part` is
+    a part on its own (a VAE folder), not in a pipeline folder.
     """
     import hashlib
     import json
 
-    folder = check_model_dir(path, (part,)) / part
+    folder = (check_model_dir(path, (part,)) if check else Path(path)) / part
     hashes = _weights_index(folder)
     h = hashlib.sha256()
     for file in sorted(p for p in folder.rglob("*") if p.is_file()):
@@ -127,17 +128,18 @@ def trained_weights_sha256(model: Path) -> str:
 
 
 def load_pipeline(model: Path, base: Path | None = None, **options):
-    """A StableDiffusionPipeline of a trained model folder: the folder itself, or for a
-    LoRA adapter `base` with the adapter loaded (and the run's scheduler config, which
+    """The family's pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline) of a
+    trained model folder: the folder itself, or for a LoRA adapter `base` with the
+    adapter loaded (and the run's scheduler config, which
     may set another prediction type). T2IError when `base` is missing."""
-    from diffusers import StableDiffusionPipeline
+    from components.common.families import family_of
 
     model = Path(model)
     if not is_adapter(model):
-        return StableDiffusionPipeline.from_pretrained(check_model_dir(model), **options)
+        return family_of(model).pipeline().from_pretrained(check_model_dir(model), **options)
     if base is None:
         raise T2IError(f"{model}: a LoRA adapter; the base model it applies to is needed")
-    pipe = StableDiffusionPipeline.from_pretrained(check_model_dir(base), **options)
+    pipe = family_of(base).pipeline().from_pretrained(check_model_dir(base), **options)
     pipe.load_lora_weights(model, weight_name=ADAPTER_WEIGHTS)
     trained = model / "scheduler" / "scheduler_config.json"
     if trained.is_file():  # train.prediction_type may differ from the base's

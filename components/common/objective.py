@@ -43,13 +43,16 @@ def denoising_loss(
     perturbation: torch.Tensor | None = None,
     reduction: str = "mean",
     model_prediction: str | None = None,
+    added: dict | None = None,
 ) -> torch.Tensor:
     """The recipe's loss for noised `latents`: a scalar (`mean`) or one value per sample
     (`none`). `noise` already holds any noise offset; `perturbation` is the extra
     noise of `input_perturbation` (None: off). The target is of the scheduler's
     prediction type; `model_prediction` says what `unet` outputs when that differs
     (its output is converted to the target's kind). ConfigError for a prediction type
-    the recipe cannot train."""
+    the recipe cannot train. `added`: the UNet's `added_cond_kwargs` (SDXL's pooled
+    text embedding and size/crop ids; see `conditioning.py`)."""
+    extra = {"added_cond_kwargs": added} if added is not None else {}
     if perturbation is not None:
         noisy_latents = noise_scheduler.add_noise(latents, noise + perturbation, timesteps)
     else:
@@ -69,7 +72,7 @@ def denoising_loss(
             hidden,
             objective.dream_detail_preservation,
         )
-    model_pred = unet(noisy_latents, timesteps, hidden, return_dict=False)[0]
+    model_pred = unet(noisy_latents, timesteps, hidden, **extra, return_dict=False)[0]
     if model_prediction is not None and model_prediction != prediction:
         model_pred = as_prediction(
             noise_scheduler, model_pred, model_prediction, prediction, noisy_latents, timesteps
@@ -122,10 +125,13 @@ def snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> torch
     return weights / (snr + 1)
 
 
-def text_conditioning(text_encoder, batch, device, dtype) -> torch.Tensor:
-    """Cached hidden states when `cache.text_embeddings`, else the frozen text encoder."""
-    if "encoder_hidden_states" in batch:
-        return batch["encoder_hidden_states"].to(device, dtype, non_blocking=True)
-    with torch.no_grad():
-        ids = batch["input_ids"].to(device, non_blocking=True)
-        return text_encoder(ids, return_dict=False)[0]
+def text_conditioning(text, batch, device, dtype, family=None):
+    """(encoder_hidden_states, added_cond_kwargs or None): the cached text states when
+    `cache.text_embeddings`, else the frozen encoders'. `text`: a
+    `conditioning.TextEncoders`, or (SD) a bare text encoder."""
+    from components.common.conditioning import TextEncoders, denoiser_inputs
+    from components.common.families import SD
+
+    if not isinstance(text, TextEncoders):
+        text = TextEncoders(SD, [], [text] if text is not None else None)
+    return denoiser_inputs(family or text.family, text, batch, device, dtype)

@@ -331,6 +331,7 @@ def held_out_loss(
     scheduler = target_scheduler or training_scheduler_of(pipe)
     own = pipe.scheduler.config.prediction_type
     device = pipe.device
+    text = pipe_text(pipe)
     losses = {}
     for t in cfg.val_timesteps:
         g = torch.Generator().manual_seed(cfg.seed * 1009 + t)
@@ -341,7 +342,7 @@ def held_out_loss(
             eps, noise = torch.randn(mean.shape, generator=g), torch.randn(mean.shape, generator=g)
             latents = ((mean + torch.exp(0.5 * logvar) * eps) * scaling_factor).to(device)
             timesteps = torch.full((len(rows),), t, dtype=torch.long, device=device)
-            hidden = text_conditioning(pipe.text_encoder, batch, device, latents.dtype)
+            hidden, added = text_conditioning(text, batch, device, latents.dtype)
             per_sample = denoising_loss(
                 pipe.unet,
                 scheduler,
@@ -351,10 +352,20 @@ def held_out_loss(
                 hidden,
                 reduction="none",
                 model_prediction=own,
+                added=added,
             )
             total += per_sample.sum().item()
         losses[t] = total / len(val)
     return losses
+
+
+def pipe_text(pipe):
+    """The text encoders of a pipeline, as `text_conditioning` takes them."""
+    from components.common.conditioning import TextEncoders
+    from components.common.families import FAMILIES, SD
+
+    family = FAMILIES.get(type(pipe).__name__, SD)
+    return pipe.text_encoder if family == SD else TextEncoders.of_pipeline(pipe, family)
 
 
 def _same_shape_batches(val: list[dict], batch_size: int) -> list[list[dict]]:

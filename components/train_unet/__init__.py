@@ -24,7 +24,7 @@ import torch
 
 from components.common.config import TrainConfig
 from components.common.io import atomic_dir, sha256_json
-from components.common.models import load_tokenizer, trained_weights_sha256, weights_sha256
+from components.common.models import trained_weights_sha256, weights_sha256
 from components.common.progress import progress
 from components.common.records import (
     BASE_MODEL_RECORD,
@@ -46,7 +46,12 @@ from components.train_unet.monitor import (
     tracker_config,
     write_reports,
 )
-from components.train_unet.objective import Objective, StepDraws, training_loss
+from components.train_unet.objective import (
+    Objective,
+    StepDraws,
+    timestep_weights,
+    training_loss,
+)
 from components.train_unet.setup import (
     Models,
     check_environment,
@@ -168,7 +173,8 @@ def run(
         if cfg.lora_rank:
             save_adapter_model(model, unet, r.models.noise_scheduler, out, record)
         else:
-            save_pipeline(model, unet, r.models.noise_scheduler, out, record)
+            vae = _cache_vae(r.latents)
+            save_pipeline(model, unet, r.models.noise_scheduler, out, record, vae)
         write_reports(Path(metrics_dir) if metrics_dir else reports, report, log.rows)
     r.accelerator.end_training()
     return report
@@ -256,7 +262,7 @@ def _prepare(cfg, latents, manifest, models_at, reports, checkpoint_dir) -> Run:
         workers=cfg.dataloader_num_workers,
         empty_prompt=models.empty_prompt,
         proportion_empty_prompts=cfg.proportion_empty_prompts,
-        tags=TagShuffle(load_tokenizer(model), cfg.keep_tokens) if cfg.shuffle_caption else None,
+        tags=TagShuffle(models.text, cfg.keep_tokens) if cfg.shuffle_caption else None,
     )
     unet = models.unet
     unet.train()
@@ -359,6 +365,7 @@ def train_steps(r: Run, step: int, max_steps: int, log: LossLog) -> LossLog:
         cfg.dream_detail_preservation,
     )
     rows = r.stream.rows
+    bias = timestep_weights(cfg, r.models.noise_scheduler.config.num_train_timesteps)
     bar = progress(max_steps, "train", "step", disable=not acc.is_main_process, initial=step)
     started, images, micro_losses = time.perf_counter(), 0, []
     epoch = r.stream.position(step * cfg.gradient_accumulation_steps)[0]
@@ -372,7 +379,7 @@ def train_steps(r: Run, step: int, max_steps: int, log: LossLog) -> LossLog:
                 torch.manual_seed(draws.generator.initial_seed() + acc.process_index)
             loss = training_loss(
                 r.unet,
-                r.models.text_encoder,
+                r.models.text,
                 r.models.noise_scheduler,
                 batch,
                 draws,
@@ -380,6 +387,7 @@ def train_steps(r: Run, step: int, max_steps: int, log: LossLog) -> LossLog:
                 global_batch=r.stream.global_batch,
                 device=acc.device,
                 objective=objective,
+                timestep_weights=bias,
             )
             acc.backward(loss)
             if acc.sync_gradients:
@@ -486,21 +494,38 @@ def _record(r: Run, report: TrainReport, rows: list) -> TrainRecord:
         pack=r.latents.pack,
         environment=environment(),
         adapter=lora.adapter_record(r.cfg, r.base_unet_sha256) if r.cfg.lora_rank else None,
+        family=r.models.text.family.name,
     )
 
 
+def _cache_vae(latents: LatentManifest) -> Path | None:
+    """The VAE folder the latents were made with when it is not the model's own
+    (`cache.pretrained_vae_model_name_or_path`: SDXL's fp16-fix VAE)."""
+    if not latents.cache_config.get("pretrained_vae_model_name_or_path"):
+        return None
+    from components.cache_latents.encode import vae_source
+    from components.common.config import CacheConfig
+
+    folder, sub = vae_source(Path("."), CacheConfig(**latents.cache_config))
+    return folder / sub if sub else folder
+
+
 def save_pipeline(
-    base: Path, unet, noise_scheduler, out: Path, record: TrainRecord | None = None
+    base: Path,
+    unet,
+    noise_scheduler,
+    out: Path,
+    record: TrainRecord | None = None,
+    vae: Path | None = None,
 ) -> None:
     """Base model parts + the trained UNet (+ the training scheduler config) as one
-    folder, with the training record (`training_record.json`) when given."""
+    folder, with the training record (`training_record.json`) when given; `vae`: the
+    VAE the latents were made with, saved in place of the base's."""
     with atomic_dir(out) as tmp:
-        shutil.copytree(
-            base,
-            tmp,
-            dirs_exist_ok=True,
-            ignore=shutil.ignore_patterns("unet", BASE_MODEL_RECORD, TRAIN_RECORD),
-        )
+        skip = ("unet", BASE_MODEL_RECORD, TRAIN_RECORD) + (("vae",) if vae else ())
+        shutil.copytree(base, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*skip))
+        if vae is not None:
+            shutil.copytree(vae, tmp / "vae", ignore=shutil.ignore_patterns("*.bin", "*.ckpt"))
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
         noise_scheduler.save_pretrained(tmp / "scheduler")
         if record is not None:

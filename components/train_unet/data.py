@@ -34,7 +34,13 @@ import numpy as np
 import torch
 from safetensors.torch import load as st_load
 
-from components.common.captions import caption_count, caption_index, pick_caption, shuffle_tags
+from components.common.captions import (
+    CAPTION_TENSORS,
+    caption_count,
+    caption_index,
+    pick_caption,
+    shuffle_tags,
+)
 from components.common.errors import ConfigError
 from components.common.records import LatentManifest, shard_files
 from components.common.shards import read_shard
@@ -351,9 +357,11 @@ class LatentStream:
             for s, i in zip(samples, picks, strict=True)
         ]
         ids = self.tags.tokenize(texts)
-        for s, row in zip(out, ids, strict=True):
-            s["input_ids"] = row
+        for i, s in enumerate(out):
+            for name, rows in ids.items():
+                s[name] = rows[i]
             s.pop("encoder_hidden_states", None)
+            s.pop("text_embeds", None)
         return out
 
     def _collate(self, step: int, epoch: int, samples: list[dict]) -> dict:
@@ -363,14 +371,17 @@ class LatentStream:
         flips = (torch.rand(self.global_batch, generator=g) < 0.5)[self.rows]
         empty = (torch.rand(self.global_batch, generator=g) < self.p_empty)[self.rows]
         batch = {}
-        for name in ("mean", "logvar"):
-            batch[name] = torch.stack(
-                [
-                    s.get(f"{name}_flip", s[name]) if f else s[name]
-                    for s, f in zip(samples, flips, strict=True)
-                ]
-            )
-        for name in ("input_ids", "encoder_hidden_states"):
+        # The view's tensors: the latent moments, and SDXL's size/crop ids (the flipped
+        # view has its mirrored crop).
+        for name in ("mean", "logvar", "time_ids"):
+            if name in samples[0]:
+                batch[name] = torch.stack(
+                    [
+                        s.get(f"{name}_flip", s[name]) if f else s[name]
+                        for s, f in zip(samples, flips, strict=True)
+                    ]
+                )
+        for name in CAPTION_TENSORS:
             if name in samples[0]:
                 rows = [s[name] for s in samples]
                 if self.empty_prompt is not None:
@@ -405,21 +416,22 @@ class _BucketReader:
 
 @dataclass(frozen=True)
 class TagShuffle:
-    """`train.shuffle_caption`: the tokenizer the shuffled captions go through, and how
-    many leading tags stay in place (`keep_tokens`)."""
+    """`train.shuffle_caption`: the family's tokenizers the shuffled captions go through
+    (`conditioning.TextEncoders`, or one tokenizer), and how many leading tags stay in
+    place (`keep_tokens`)."""
 
-    tokenizer: object
+    text: object
     keep: int
 
-    def tokenize(self, captions: list[str]) -> torch.Tensor:
-        tok = self.tokenizer
-        return tok(
-            captions,
-            padding="max_length",
-            truncation=True,
-            max_length=tok.model_max_length,
-            return_tensors="pt",
-        ).input_ids
+    def tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        from components.common.conditioning import TextEncoders
+
+        if isinstance(self.text, TextEncoders):
+            return self.text.tokenize(captions)
+        tok = self.text  # a tokenizer alone (SD's one)
+        ids = tok(captions, padding="max_length", truncation=True,
+                  max_length=tok.model_max_length, return_tensors="pt").input_ids  # fmt: skip
+        return {"input_ids": ids}
 
 
 def _prefetch(items: Iterator, depth: int) -> Iterator:

@@ -80,8 +80,7 @@ def log_validation(
     in eval mode (no LoRA dropout) and autocast in the run's own dtype."""
     from contextlib import nullcontext
 
-    from diffusers import StableDiffusionPipeline
-
+    from components.common.families import SD, family_of
     from components.train_unet.setup import WEIGHT_DTYPES
 
     unet = accelerator.unwrap_model(unet)
@@ -93,9 +92,9 @@ def log_validation(
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
     unet.eval()
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            model, unet=unet, safety_checker=None, requires_safety_checker=False
-        ).to(device)
+        family = family_of(model)
+        extra = {"safety_checker": None, "requires_safety_checker": False} if family == SD else {}
+        pipe = family.pipeline().from_pretrained(model, unet=unet, **extra).to(device)
         pipe.set_progress_bar_config(disable=True)
         g = torch.Generator(device=device).manual_seed(cfg.seed)
         images = []

@@ -34,10 +34,16 @@ class StepDraws:
     def randint(self, high: int, n: int) -> torch.Tensor:
         return torch.randint(0, high, (n,), generator=self.generator, device=self.device)[self.rows]
 
+    def weighted(self, weights: torch.Tensor, n: int) -> torch.Tensor:
+        """`n` timesteps drawn with replacement in proportion to `weights` (the SDXL
+        script's `torch.multinomial(weights, bsz, replacement=True)`)."""
+        w = weights.to(self.device)
+        return torch.multinomial(w, n, replacement=True, generator=self.generator)[self.rows]
+
 
 def training_loss(
     unet,
-    text_encoder,
+    text,
     noise_scheduler,
     batch: dict[str, torch.Tensor],
     draws,
@@ -46,16 +52,23 @@ def training_loss(
     global_batch: int,
     device,
     objective: Objective | None = None,
+    timestep_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One micro-step's loss (a scalar) for this rank's part of the global batch:
     `draws` gives the step's random tensors for the `global_batch` (sliced to this
-    rank's rows), `scaling_factor` is the VAE's."""
+    rank's rows), `scaling_factor` is the VAE's; `text` the frozen text encoders
+    (`conditioning.TextEncoders`, or an SD text encoder); `timestep_weights` the
+    SDXL recipe's timestep bias (None: uniform)."""
     objective = objective or Objective()
     mean = batch["mean"].to(device, non_blocking=True)
     logvar = batch["logvar"].to(device, non_blocking=True)
     shape = (global_batch, *mean.shape[1:])
     eps, noise = draws.randn(shape).to(device), draws.randn(shape).to(device)
-    timesteps = draws.randint(noise_scheduler.config.num_train_timesteps, global_batch).to(device)
+    if timestep_weights is None:
+        high = noise_scheduler.config.num_train_timesteps
+        timesteps = draws.randint(high, global_batch).to(device)
+    else:
+        timesteps = draws.weighted(timestep_weights, global_batch).to(device)
     if objective.noise_offset:
         offset = draws.randn((global_batch, shape[1], 1, 1)).to(device)
         noise = noise + objective.noise_offset * offset
@@ -63,7 +76,34 @@ def training_loss(
     perturbation = None
     if objective.input_perturbation:
         perturbation = objective.input_perturbation * draws.randn(shape).to(device)
-    hidden = text_conditioning(text_encoder, batch, device, latents.dtype)
+    hidden, added = text_conditioning(text, batch, device, latents.dtype)
     return denoising_loss(
-        unet, noise_scheduler, latents, noise, timesteps, hidden, objective, perturbation
-    )
+        unet, noise_scheduler, latents, noise, timesteps, hidden, objective, perturbation,
+        added=added,
+    )  # fmt: skip
+
+
+def timestep_weights(cfg, num_timesteps: int) -> torch.Tensor | None:
+    """The SDXL recipe's timestep bias (`generate_timestep_weights`): None for uniform
+    sampling, else each timestep's weight. ConfigError for a range beyond the
+    scheduler's timesteps."""
+    from components.common.errors import ConfigError
+
+    strategy = cfg.timestep_bias_strategy
+    if strategy == "none":
+        return None
+    weights = torch.ones(num_timesteps)
+    count = int(cfg.timestep_bias_portion * num_timesteps)
+    if strategy == "later":
+        biased = slice(-count, None) if count else slice(0, 0)
+    elif strategy == "earlier":
+        biased = slice(0, count)
+    else:
+        if cfg.timestep_bias_end > num_timesteps:
+            raise ConfigError(
+                f"train.timestep_bias_end {cfg.timestep_bias_end}: beyond the scheduler's "
+                f"{num_timesteps} timesteps"
+            )
+        biased = slice(cfg.timestep_bias_begin, cfg.timestep_bias_end)
+    weights[biased] *= cfg.timestep_bias_multiplier
+    return weights / weights.sum()

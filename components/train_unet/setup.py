@@ -14,14 +14,13 @@ from pathlib import Path
 
 import torch
 
+from components.common.conditioning import TextEncoders
 from components.common.config import TrainConfig
 from components.common.errors import ConfigError, T2IError
 from components.common.families import family_of
 from components.common.models import (
     check_model_dir,
     load_noise_scheduler,
-    load_text_encoder,
-    load_tokenizer,
     load_unet,
     weights_sha256,
 )
@@ -118,7 +117,7 @@ def _download(name: str, revision: str | None, patterns: list[str] | None = None
 @dataclass
 class Models:
     unet: torch.nn.Module
-    text_encoder: torch.nn.Module
+    text: TextEncoders  # the family's tokenizers and frozen text encoders
     noise_scheduler: object
     ema: object | None
     empty_prompt: dict[str, torch.Tensor] | None
@@ -133,18 +132,29 @@ def load_models(
     from diffusers import UNet2DConditionModel
 
     cached_vae = latents_manifest.model.get("vae")
-    if cached_vae and (model / "vae").is_dir() and weights_sha256(model, "vae") != cached_vae:
-        raise T2IError(
-            f"the latents were encoded with another VAE than {model}'s; re-run `t2i cache` "
-            "with this model"
+    other_vae = latents_manifest.cache_config.get("pretrained_vae_model_name_or_path")
+    if cached_vae and (model / "vae").is_dir() and not other_vae:
+        if weights_sha256(model, "vae") != cached_vae:
+            raise T2IError(
+                f"the latents were encoded with another VAE than {model}'s; re-run `t2i "
+                "cache` with this model"
+            )
+    family = family_of(model)
+    if cfg.dream_training and family.micro_conditioning:
+        raise ConfigError(
+            f"train.dream_training: not for {family.label} (its UNet needs the pooled text "
+            "and size conditioning DREAM's extra pass does not give it); turn it off"
         )
     # `variant` (e.g. fp16-rounded weights) is for the frozen parts only, as upstream:
     # a full fine-tune trains the full-precision UNet; LoRA's UNet is frozen.
     variant = {"variant": cfg.variant} if cfg.variant else {}
     noise_scheduler = training_scheduler(model, cfg)
     dtype = WEIGHT_DTYPES.get(cfg.mixed_precision, torch.float32)
-    text_encoder = load_text_encoder(model, **variant)
-    text_encoder = text_encoder.requires_grad_(False).eval().to(device, dtype)
+    # With cached text states (and no tag shuffling) no step runs a text encoder: they
+    # are loaded only for the empty prompt's states, then let go.
+    cached = latents_manifest.cache_config.get("text_embeddings") and not cfg.shuffle_caption
+    encoders = not cached or bool(cfg.proportion_empty_prompts)
+    text = TextEncoders.load(model, encoders=encoders, device=device, dtype=dtype, **variant)
     unet = load_unet(trained_unet, **(variant if cfg.lora_rank else {}))
     from diffusers.training_utils import EMAModel
 
@@ -168,15 +178,14 @@ def load_models(
         if cfg.offload_ema and torch.cuda.is_available():
             ema.pin_memory()
     empty = None
-    if cfg.proportion_empty_prompts:
-        tok = load_tokenizer(model)
-        ids = tok(
-            [""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt"
-        ).input_ids
-        with torch.no_grad():
-            hidden = text_encoder(ids.to(device), return_dict=False)[0]
-        empty = {"input_ids": ids[0], "encoder_hidden_states": hidden[0].float().cpu()}
-    return Models(unet, text_encoder, noise_scheduler, ema, empty)
+    if cfg.proportion_empty_prompts:  # the empty caption's ids and text states, as upstream
+        ids = text.tokenize([""])
+        states = text.encode(ids)
+        empty = {k: v[0] for k, v in ids.items()}
+        empty |= {k: v[0].float().cpu() for k, v in states.items()}
+    if cached:
+        text.encoders = None
+    return Models(unet, text, noise_scheduler, ema, empty)
 
 
 def training_scheduler(model: Path, cfg: TrainConfig):

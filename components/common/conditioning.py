@@ -1,0 +1,131 @@
+"""What conditions the denoiser, per model family: one place for cache, train and
+evaluate.
+
+- `TextEncoders`: a family's tokenizers and frozen text encoders; `tokenize` gives
+  the token ids the cache stores (`input_ids`, SDXL's `input_ids_2`), `encode` the
+  text states (`encoder_hidden_states`; SDXL: both encoders' penultimate hidden states
+  concatenated, and the second's pooled, projected embedding `text_embeds`), as the
+  diffusers training scripts compute them.
+- `denoiser_inputs`: (encoder_hidden_states, added_cond_kwargs or None) for a batch,
+  from the cached text states or by running the encoders.
+- `time_ids`: SDXL's micro-conditioning of one sample, from the crop the cache made.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from components.common.families import Family, family_of
+
+
+class TextEncoders:
+    def __init__(self, family: Family, tokenizers: list, encoders: list | None):
+        self.family, self.tokenizers, self.encoders = family, tokenizers, encoders
+
+    @classmethod
+    def load(
+        cls, model: Path, encoders: bool = True, device=None, dtype=None, **options
+    ) -> TextEncoders:
+        """The tokenizers (and, with `encoders`, the frozen text encoders on `device`
+        in `dtype`) of the diffusers folder `model`. `options` go to `from_pretrained`."""
+        from components.common.models import check_model_dir
+
+        family = family_of(model)
+        parts = tuple(p for pair in family.text_parts for p in pair)
+        check_model_dir(model, parts)
+        tokenizers = [_tokenizer(Path(model), t) for t, _ in family.text_parts]
+        loaded = None
+        if encoders:
+            loaded = []
+            for i, (_, sub) in enumerate(family.text_parts):
+                kind = _encoder_class(family, i)
+                enc = kind.from_pretrained(model, subfolder=sub, **options)
+                enc = enc.requires_grad_(False).eval()
+                loaded.append(enc.to(device, dtype) if device is not None else enc)
+        return cls(family, tokenizers, loaded)
+
+    @classmethod
+    def of_pipeline(cls, pipe, family: Family) -> TextEncoders:
+        """The tokenizers and encoders a diffusers pipeline holds."""
+        names = [(t, e) for t, e in family.text_parts]
+        return cls(
+            family,
+            [getattr(pipe, t) for t, _ in names],
+            [getattr(pipe, e) for _, e in names],
+        )
+
+    def tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """{input_ids[, input_ids_2]}: a row per caption, padded to each tokenizer's length."""
+        out = {}
+        for name, tok in zip(self.family.token_names, self.tokenizers, strict=True):
+            out[name] = tok(
+                captions,
+                padding="max_length",
+                truncation=True,
+                max_length=tok.model_max_length,
+                return_tensors="pt",
+            ).input_ids
+        return out
+
+    @torch.no_grad()
+    def encode(self, ids: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{encoder_hidden_states[, text_embeds]} for token ids as `tokenize` gives them."""
+        assert self.encoders is not None, "TextEncoders loaded without encoders"
+        device = self.encoders[0].device
+        if not self.family.pooled:  # SD: the last hidden states, as the recipe
+            (name,) = self.family.token_names
+            return {"encoder_hidden_states": self.encoders[0](ids[name].to(device))[0]}
+        states, pooled = [], None
+        for name, enc in zip(self.family.token_names, self.encoders, strict=True):
+            out = enc(ids[name].to(enc.device), output_hidden_states=True)
+            pooled = out[0]  # the last encoder's: CLIPTextModelWithProjection's text_embeds
+            states.append(out.hidden_states[-2])
+        return {"encoder_hidden_states": torch.cat(states, dim=-1), "text_embeds": pooled}
+
+
+def _tokenizer(model: Path, sub: str):
+    """CLIP's BPE tokenizer from its vocab and merges (as the recipes load it), or,
+    for a folder with only `tokenizer.json`, whatever that file describes."""
+    from transformers import AutoTokenizer, CLIPTokenizer
+
+    folder = model / sub
+    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        return CLIPTokenizer.from_pretrained(model, subfolder=sub)
+    return AutoTokenizer.from_pretrained(model, subfolder=sub)
+
+
+def _encoder_class(family: Family, index: int):
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    if family.pooled and index == len(family.text_parts) - 1:
+        return CLIPTextModelWithProjection
+    return CLIPTextModel
+
+
+def denoiser_inputs(
+    family: Family, text: TextEncoders | None, batch: dict, device, dtype
+) -> tuple[torch.Tensor, dict | None]:
+    """(encoder_hidden_states, added_cond_kwargs) of a batch: the cached text states
+    when the batch holds them (`cache.text_embeddings`), else the frozen encoders'."""
+    if "encoder_hidden_states" in batch:
+        states = {k: batch[k] for k in ("encoder_hidden_states", "text_embeds") if k in batch}
+    else:
+        states = text.encode({k: batch[k] for k in family.token_names})
+    hidden = states["encoder_hidden_states"].to(device, dtype, non_blocking=True)
+    if not family.micro_conditioning:
+        return hidden, None
+    added = {
+        "text_embeds": states["text_embeds"].to(device, dtype, non_blocking=True),
+        "time_ids": batch["time_ids"].to(device, dtype, non_blocking=True),
+    }
+    return hidden, added
+
+
+def time_ids(
+    original_hw: tuple[int, int], crop_top_left: tuple[int, int], target_hw: tuple[int, int]
+) -> torch.Tensor:
+    """SDXL's six numbers: original (height, width), crop (top, left), target (height,
+    width), as `StableDiffusionXLPipeline._get_add_time_ids` orders them."""
+    return torch.tensor([*original_hw, *crop_top_left, *target_hw], dtype=torch.float32)
