@@ -173,8 +173,11 @@ def exports(
             if skipped is not None:
                 skipped.append(str(e))
         else:
+            from components.common.families import family_of
+
             dtype = "fp16" if cfg.single_file_half else "as trained"
-            found[name] = (path, _entry(path, f"single-file checkpoint (LDM layout, {dtype})"))
+            layout = "SGM" if family_of(model).micro_conditioning else "LDM"
+            found[name] = (path, _entry(path, f"single-file checkpoint ({layout} layout, {dtype})"))
     return found
 
 

@@ -12,7 +12,14 @@ from typing import Any
 
 from components.common.records import EvaluationRecord, TrainRecord
 
-TAGS = ["stable-diffusion", "text-to-image", "diffusers", "diffusers-training", "t2i-pipeline"]
+TAGS = ["text-to-image", "diffusers", "diffusers-training", "t2i-pipeline"]
+
+
+def _family(train: TrainRecord):
+    from components.common.families import BY_NAME
+
+    return BY_NAME[train.family]
+
 
 # The training settings worth a row in the card, in recipe order.
 _SETTINGS = [
@@ -82,7 +89,7 @@ def card_metadata(model_name: str, license_: str | None, train, evaluation):
         license=license_,
         library_name="diffusers",
         pipeline_tag="text-to-image",
-        tags=TAGS + (["lora"] if train.adapter else []),
+        tags=[*_family(train).tags[:1], *TAGS, *(["lora"] if train.adapter else [])],
         widget=[  # one per prompt: its first seed
             {"text": s.prompt, "output": {"url": f"eval/{s.images['tuned']}"}}
             for s in {s.prompt: s for s in reversed(evaluation.samples)}.values()
@@ -96,12 +103,15 @@ def card_metadata(model_name: str, license_: str | None, train, evaluation):
 
 def _body(load: str, name, version, train: TrainRecord, evaluation: EvaluationRecord, lineage):
     base = train.base_model
-    base_desc = "an offline tiny Stable Diffusion model (t2i-pipeline's `tiny`)"
+    family = _family(train)
+    base_desc = f"a {family.label} model"
+    if base is not None:
+        base_desc = f"an offline tiny {family.label} model (t2i-pipeline's `{base.source}`)"
     if base is not None and base.hub_id:
         base_desc = f"[{base.hub_id}](https://huggingface.co/{base.hub_id})"
         if base.revision:
             base_desc += f" at revision `{base.revision}`"
-    elif base is not None and base.source != "tiny":
+    elif base is not None and base.source not in ("tiny", "tiny-sdxl"):
         base_desc = f"a local model (`{base.source}`)"
     source = train.pack.dataset_name or train.pack.source
     settings = _SETTINGS + (_LORA_SETTINGS if train.adapter else [])
@@ -180,10 +190,11 @@ def _intro(base_desc: str, train: TrainRecord, source: str) -> list[str]:
 
 
 def _usage(load: str, base, train: TrainRecord, evaluation: EvaluationRecord) -> list[str]:
+    cls = _family(train).pipeline_class
     first = [
         "```python",
         "import torch",
-        "from diffusers import StableDiffusionPipeline",
+        f"from diffusers import {cls}",
         "",
     ]
     last = [
@@ -194,13 +205,13 @@ def _usage(load: str, base, train: TrainRecord, evaluation: EvaluationRecord) ->
     if train.adapter is None:
         return [
             *first,
-            f'pipe = StableDiffusionPipeline.from_pretrained("{load}", torch_dtype=torch.float16)',
+            f'pipe = {cls}.from_pretrained("{load}", torch_dtype=torch.float16)',
             *last,
         ]
     base_id = base.hub_id if base is not None and base.hub_id else "path/to/the/base/model"
     return [
         *first,
-        f'pipe = StableDiffusionPipeline.from_pretrained("{base_id}", torch_dtype=torch.float16)',
+        f'pipe = {cls}.from_pretrained("{base_id}", torch_dtype=torch.float16)',
         f'pipe.load_lora_weights("{load}")',
         *last,
     ]
@@ -223,7 +234,7 @@ def _export_lines(exports: dict[str, dict], train: TrainRecord) -> list[str]:
             lines.append(
                 f"- `{name}`: the whole model in one file ({entry['format']}): put it in "
                 "`models/checkpoints/` (ComfyUI) or `models/Stable-diffusion/` "
-                "(AUTOMATIC1111), or `StableDiffusionPipeline.from_single_file(path, "
+                f"(AUTOMATIC1111), or `{_family(train).pipeline_class}.from_single_file(path, "
                 "config=<this folder>)` in diffusers."
             )
     if train.config.get("prediction_type") == "v_prediction":

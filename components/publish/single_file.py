@@ -1,5 +1,5 @@
 """Files that ComfyUI and AUTOMATIC1111 load: one `.safetensors` checkpoint in the
-original (LDM) layout, and a LoRA in kohya's key format.
+original (LDM; SDXL: SGM) layout, and a LoRA in kohya's key format.
 
 diffusers converts only from these layouts (`from_single_file`,
 `load_lora_weights`), so the mapping the other way is ours. It follows the layout
@@ -13,11 +13,16 @@ diffusers' loader reads (`diffusers/loaders/single_file_utils.py`) and its scrip
 - the VAE under `first_stage_model.` (`encoder.down.I.block.J`, `decoder.up` in
   reverse order, the mid attention as 1x1 convolutions `q`, `k`, `v`, `proj_out`);
 - SD 1.x's CLIP text encoder under `cond_stage_model.transformer.`; SD 2.x's
-  (OpenCLIP) under `cond_stage_model.model.` (`resblocks`, fused `in_proj`).
+  (OpenCLIP) under `cond_stage_model.model.` (`resblocks`, fused `in_proj`);
+- SDXL (`convert_diffusers_to_original_sdxl.py`): the same UNet names (three levels;
+  `add_embedding` as `label_emb.0`), CLIP ViT-L under
+  `conditioner.embedders.0.transformer.`, OpenCLIP bigG under
+  `conditioner.embedders.1.model.` with its `text_projection`.
 
-Only the topology those checkpoints have (four levels of two layers, attention in the
-first three, a mid attention; a VAE of four levels of two) can be written: anything
-else (the `tiny` demo) is refused in one line, by `Unsupported`.
+Only the topology those checkpoints have (SD: four levels of two layers, attention in
+the first three, a mid attention; SDXL: three levels of two, attention in the last
+two; a VAE of four levels of two) can be written: anything else (the `tiny` and
+`tiny-sdxl` demos) is refused in one line, by `Unsupported`.
 """
 
 from __future__ import annotations
@@ -42,22 +47,32 @@ class Unsupported(T2IError):
 
 
 def export_checkpoint(model: Path, out: Path, half: bool = False) -> Path:
-    """Write the diffusers pipeline folder `model` as one LDM-layout checkpoint `out`.
-    `half`: fp16 tensors. Unsupported when the topology cannot be expressed."""
+    """Write the diffusers pipeline folder `model` as one LDM-layout (SD 1.x/2.x) or
+    SGM-layout (SDXL) checkpoint `out`. `half`: fp16 tensors. Unsupported when the
+    topology cannot be expressed."""
+    from components.common.families import family_of
+
     model = Path(model)
+    xl = family_of(model).micro_conditioning
     unet_cfg = _config(model / "unet")
     vae_cfg = _config(model / "vae")
     text_cfg = _config(model / "text_encoder")
-    check_topology(unet_cfg, vae_cfg, text_cfg)
+    if xl:
+        check_sdxl_topology(unet_cfg, vae_cfg)
+    else:
+        check_topology(unet_cfg, vae_cfg, text_cfg)
     tensors = {}
     unet = _weights(model / "unet", "diffusion_pytorch_model")
     tensors.update({UNET_PREFIX + k: v for k, v in unet_to_ldm(unet, unet_cfg).items()})
     vae = _weights(model / "vae", "diffusion_pytorch_model")
     tensors.update({VAE_PREFIX + k: v for k, v in vae_to_ldm(vae).items()})
-    text = _weights(model / "text_encoder", "model")
-    # transformers >= 5.6 saves CLIPTextModel flattened; the layout names `text_model.`.
-    text = {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in text.items()}
-    if _is_open_clip(text_cfg):
+    text = _text_weights(model / "text_encoder")
+    if xl:  # SGM: CLIP ViT-L as embedder 0, OpenCLIP bigG (with its projection) as 1
+        tensors.update({"conditioner.embedders.0.transformer." + k: v for k, v in text.items()})
+        text_2 = _text_weights(model / "text_encoder_2")
+        cfg_2 = _config(model / "text_encoder_2")
+        tensors.update(text_to_open_clip(text_2, cfg_2, "conditioner.embedders.1.model."))
+    elif _is_open_clip(text_cfg):
         tensors.update(text_to_open_clip(text, text_cfg))
     else:
         tensors.update({"cond_stage_model.transformer." + k: v for k, v in text.items()})
@@ -95,12 +110,36 @@ def check_topology(unet: dict, vae: dict, text: dict) -> None:
         )
 
 
+def check_sdxl_topology(unet: dict, vae: dict) -> None:
+    """Unsupported, naming what differs, unless the model has SDXL's topology (three
+    levels of two layers, attention in the last two, `text_time` embeddings)."""
+    down = ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
+    up = ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]
+    layers = unet.get("layers_per_block")
+    vae_ok = len(vae.get("block_out_channels", [])) == 4 and vae.get("layers_per_block") == 2
+    checks = [
+        (list(unet.get("down_block_types", [])) == down, "down blocks not SDXL's 1 + 2 attention"),
+        (list(unet.get("up_block_types", [])) == up, "up blocks not SDXL's 2 attention + 1"),
+        (layers == 2, f"layers_per_block {layers}, not 2"),
+        (unet.get("addition_embed_type") == "text_time", "no text_time embeddings"),
+        (vae_ok, "the VAE is not SDXL's 4 levels of 2 layers"),
+    ]
+    failed = [why for ok, why in checks if not ok]
+    if failed:
+        raise Unsupported(
+            "single-file export skipped: the model's topology is not SDXL's, which the "
+            f"single-file layout describes ({'; '.join(failed)})"
+        )
+
+
 def unet_to_ldm(state: dict[str, torch.Tensor], cfg: dict) -> dict[str, torch.Tensor]:
-    """diffusers UNet2DConditionModel keys -> LDM `UNetModel` keys (without prefix)."""
+    """diffusers UNet2DConditionModel keys -> LDM/SGM `UNetModel` keys (without prefix)."""
     layers = cfg["layers_per_block"]
     renames = [
         ("time_embedding.linear_1.", "time_embed.0."),
         ("time_embedding.linear_2.", "time_embed.2."),
+        ("add_embedding.linear_1.", "label_emb.0.0."),  # SDXL's pooled text + size ids
+        ("add_embedding.linear_2.", "label_emb.0.2."),
         ("conv_in.", "input_blocks.0.0."),
         ("conv_norm_out.", "out.0."),
         ("conv_out.", "out.2."),
@@ -189,10 +228,12 @@ def vae_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def text_to_open_clip(state: dict[str, torch.Tensor], cfg: dict) -> dict[str, torch.Tensor]:
-    """SD 2.x's text encoder (a CLIPTextModel converted from OpenCLIP) back to OpenCLIP
-    keys under `cond_stage_model.model.` (q, k, v fused into `in_proj`)."""
-    prefix = "cond_stage_model.model."
+def text_to_open_clip(
+    state: dict[str, torch.Tensor], cfg: dict, prefix: str = "cond_stage_model.model."
+) -> dict[str, torch.Tensor]:
+    """SD 2.x's text encoder (a CLIPTextModel converted from OpenCLIP), or SDXL's second
+    (a CLIPTextModelWithProjection), back to OpenCLIP keys under `prefix` (q, k, v fused
+    into `in_proj`; the projection transposed, as OpenCLIP multiplies by it)."""
     out = {
         prefix + "token_embedding.weight": state["text_model.embeddings.token_embedding.weight"],
         prefix + "positional_embedding": state["text_model.embeddings.position_embedding.weight"],
@@ -200,8 +241,10 @@ def text_to_open_clip(state: dict[str, torch.Tensor], cfg: dict) -> dict[str, to
         prefix + "ln_final.bias": state["text_model.final_layer_norm.bias"],
     }
     width = cfg["hidden_size"]
-    # diffusers drops OpenCLIP's last layer; the loader wants the projection present.
-    out[prefix + "text_projection"] = torch.eye(width)
+    if "text_projection.weight" in state:  # SDXL's: the pooled embedding's projection
+        out[prefix + "text_projection"] = state["text_projection.weight"].T
+    else:  # diffusers drops OpenCLIP's last layer; the loader wants the projection present.
+        out[prefix + "text_projection"] = torch.eye(width)
     for i in range(cfg["num_hidden_layers"]):
         src, dst = f"text_model.encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
         for kind in ("weight", "bias"):
@@ -259,6 +302,16 @@ def _weights(folder: Path, stem: str) -> dict[str, torch.Tensor]:
     for f in files:
         state.update(load_file(str(f)))
     return state
+
+
+def _text_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """A text encoder's weights under `text_model.` (transformers >= 5.6 saves them
+    flattened), its projection (`text_projection.`) as it is."""
+    state = _weights(folder, "model")
+    return {
+        (k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k): v
+        for k, v in state.items()
+    }
 
 
 def _rename(key: str, pairs) -> str:
