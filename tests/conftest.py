@@ -177,3 +177,39 @@ def train_then_resume(cfg, latents, model, root: Path, drop: str):
     shutil.copytree(a / "c", b / "c")
     shutil.rmtree(run_folder(b / "c") / drop)
     return straight, train_unet.run(cfg, latents, model, b / "m", b / "t", b / "c")
+
+
+def cached_and_encoded_losses(model: Path, tensors: dict, **kw) -> tuple[float, float]:
+    """The training loss of one cached sample (`tensors`) with its cached text states,
+    and with them left out (the model's encoders run), on the same fixed draws."""
+    import torch
+
+    from components.common.conditioning import TextEncoders
+    from components.common.models import load_noise_scheduler, load_unet
+    from components.train_unet.objective import training_loss
+
+    class Draws:
+        def __init__(self):
+            self.g = torch.Generator().manual_seed(0)
+
+        def randn(self, shape):
+            return torch.randn(shape, generator=self.g)
+
+        def randint(self, high, n):
+            return torch.tensor([500] * n)
+
+        def density(self, flow, n):
+            return torch.full((n,), 0.4)
+
+    batch = {k: v[None].float() if v.is_floating_point() else v[None].long()
+             for k, v in tensors.items()}  # fmt: skip
+    without = {k: v for k, v in batch.items() if k not in ("encoder_hidden_states", "text_embeds")}
+    unet, scheduler = load_unet(model).eval(), load_noise_scheduler(model)
+    text = TextEncoders.load(model)
+    with torch.no_grad():
+        return tuple(
+            training_loss(
+                unet, text, scheduler, b, Draws(), global_batch=1, device="cpu", **kw
+            ).item()
+            for b in (batch, without)
+        )

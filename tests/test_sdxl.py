@@ -25,7 +25,7 @@ from components.common.errors import ConfigError
 from components.common.shapes import make_sample
 from components.common.shards import read_shard
 
-from .conftest import EVAL, train_then_resume
+from .conftest import EVAL, cached_and_encoded_losses, train_then_resume
 
 # Six steps on 32 samples: the gate is not what these tests judge.
 XL_EVAL = EVAL.model_copy(update={"gate": GateConfig(max_val_loss_ratio=None)})
@@ -201,9 +201,6 @@ def other_sdxl(folder):
 def test_an_sdxl_built_otherwise_trains_with_cached_text_states(xl, tmp_path):
     """Cached text embeddings of an SDXL not made by `tiny-sdxl`: the loss from the
     cache equals the loss from running the encoders; it trains and evaluates."""
-    from components.common.conditioning import TextEncoders
-    from components.common.models import load_noise_scheduler, load_unet
-    from components.train_unet.objective import training_loss
 
     other = other_sdxl(tmp_path)
     assert (other / "tokenizer_2" / "tokenizer.json").is_file()
@@ -212,29 +209,8 @@ def test_an_sdxl_built_otherwise_trains_with_cached_text_states(xl, tmp_path):
     tensors = st_load(_records(tmp_path / "lat")[0]["safetensors"])
     assert tensors["encoder_hidden_states"].shape[-1] == 64
     assert tensors["text_embeds"].shape == (40,) and tensors["mean"].shape == (4, 16, 16)
-    text = TextEncoders.load(other)
-    batch = {k: v[None].float() if v.is_floating_point() else v[None].long()
-             for k, v in tensors.items()}  # fmt: skip
-    without = {k: v for k, v in batch.items() if k not in ("encoder_hidden_states", "text_embeds")}
-
-    class Draws:
-        def __init__(self):
-            self.g = torch.Generator().manual_seed(0)
-
-        def randn(self, shape):
-            return torch.randn(shape, generator=self.g)
-
-        def randint(self, high, n):
-            return torch.tensor([500])
-
-    unet, scheduler = load_unet(other).eval(), load_noise_scheduler(other)
-    with torch.no_grad():
-        losses = [
-            training_loss(unet, text, scheduler, b, Draws(), scaling_factor=0.5,
-                          global_batch=1, device="cpu")
-            for b in (batch, without)
-        ]  # fmt: skip
-    assert losses[0].item() == pytest.approx(losses[1].item(), rel=1e-4)
+    cached, encoded = cached_and_encoded_losses(other, tensors, scaling_factor=0.5)
+    assert cached == pytest.approx(encoded, rel=1e-4)
     train = TRAIN.model_copy(update={"max_train_steps": 2})
     train_unet.run(train, tmp_path / "lat", other, tmp_path / "m", tmp_path / "t", tmp_path / "c")
     report = evaluate.run(XL_EVAL, tmp_path / "m", other, tmp_path / "lat", tmp_path / "e",

@@ -16,12 +16,12 @@ from components.common.config import ModelConfig
 from components.common.errors import ConfigError, T2IError
 from components.common.families import family_of
 from components.common.io import atomic_dir
-from components.common.models import check_model_dir, hub_offline, weights_sha256
+from components.common.models import check_model_dir, denoiser_part, hub_offline, weights_sha256
 from components.common.records import BASE_MODEL_RECORD, BaseModelRecord, write_record
 
 # Files worth downloading from a hub repo: configs, safetensors weights, tokenizer, and
 # the card (README.md: its license is the fine-tune's default).
-TINY = ("tiny", "tiny-sdxl")  # built offline from model.seed
+TINY = ("tiny", "tiny-sdxl", "tiny-sd3")  # built offline from model.seed
 _HUB_PATTERNS = ["*.json", "*.txt", "*.safetensors", "tokenizer/*", "README.md"]
 
 
@@ -48,6 +48,12 @@ def run(cfg: ModelConfig, out: Path) -> BaseModelReport:
             build_tiny_pipeline(
                 cfg.seed, cfg.tiny_vae_steps, cfg.tiny_prediction_type
             ).save_pretrained(tmp, safe_serialization=True)
+        elif cfg.source == "tiny-sd3":
+            from components.base_model.tiny import build_tiny_sd3
+
+            build_tiny_sd3(cfg.seed, cfg.tiny_vae_steps).save_pretrained(
+                tmp, safe_serialization=True
+            )
         elif cfg.source == "tiny-sdxl":
             from components.base_model.tiny import build_tiny_sdxl
 
@@ -64,7 +70,7 @@ def run(cfg: ModelConfig, out: Path) -> BaseModelReport:
             source=cfg.source,
             hub_id=hub_id,
             revision=revision,
-            unet_sha256=weights_sha256(tmp, "unet"),
+            unet_sha256=weights_sha256(tmp, denoiser_part(tmp)),  # (SD3: the transformer's)
             license=card_license(tmp),
             seed=cfg.seed if cfg.source in TINY else None,
         )

@@ -201,3 +201,67 @@ def build_tiny_sdxl(
         scheduler=scheduler,
         force_zeros_for_empty_prompt=True,
     )
+
+
+def build_tiny_sd3(seed: int, vae_steps: int = 0):
+    """A tiny StableDiffusion3Pipeline with SD3's layout, from a seed: an MMDiT
+    (`SD3Transformer2DModel`, patch 1) on the tiny VAE (given a shift factor, as SD3's
+    16-channel VAE has), two CLIPs with projection and a T5 encoder (offline
+    tokenizers), and SD3's flow-matching Euler scheduler (shift 3)."""
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from components.common.tiny import build_tiny_t5_tokenizer
+
+    tokenizer, t5_tokenizer = build_tiny_tokenizer(), build_tiny_t5_tokenizer()
+    sd = build_tiny_pipeline(seed, vae_steps, "epsilon")  # its VAE
+    sd.vae.register_to_config(shift_factor=0.1)
+    width, t5_width = 32, 64  # T5 at least the CLIPs' joint width, as SD3's (4096 > 2048)
+    torch.manual_seed(seed + 8)
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=1,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=t5_width,
+        caption_projection_dim=32,
+        pooled_projection_dim=2 * width,
+        pos_embed_max_size=32,
+    )
+    torch.manual_seed(seed + 9)
+    clip_1 = CLIPTextModelWithProjection(clip_config(tokenizer, width, 3, "gelu"))
+    torch.manual_seed(seed + 10)
+    clip_2 = CLIPTextModelWithProjection(clip_config(tokenizer, width, 3, "gelu"))
+    torch.manual_seed(seed + 11)
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(t5_tokenizer),
+            d_model=t5_width,
+            d_ff=2 * t5_width,
+            d_kv=16,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=t5_tokenizer.pad_token_id,
+            eos_token_id=t5_tokenizer.eos_token_id,
+            decoder_start_token_id=t5_tokenizer.pad_token_id,
+        )
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=sd.vae,
+        text_encoder=clip_1,
+        tokenizer=tokenizer,
+        text_encoder_2=clip_2,
+        tokenizer_2=build_tiny_tokenizer(),
+        text_encoder_3=t5,
+        tokenizer_3=t5_tokenizer,
+    )

@@ -272,9 +272,14 @@ def bucket_sizes(resolution: int, step: int, max_aspect: float) -> list[tuple[in
 def downscale_factor(model: Path, vae_config) -> int:
     """How much smaller than the image the UNet's deepest feature map is: the VAE's
     downscaling times the UNet's (SD 1.x/2.x: 8 x 8 = 64; the tiny demo: 4 x 2 = 8)."""
-    unet = json.loads((Path(model) / "unet" / "config.json").read_text())
+    from components.common.models import denoiser_part
+
+    part = denoiser_part(model)
+    denoiser = json.loads((Path(model) / part / "config.json").read_text())
     factor = 2 ** (len(vae_config.block_out_channels) - 1)
-    return factor * 2 ** (len(unet["block_out_channels"]) - 1)
+    if part == "transformer":  # its patches (FLUX's packing would double it)
+        return factor * denoiser.get("patch_size", 1)
+    return factor * 2 ** (len(denoiser["block_out_channels"]) - 1)
 
 
 def bucket_step(model: Path, cfg: CacheConfig, vae_config) -> int:

@@ -15,8 +15,10 @@ import numpy as np
 import torch
 
 # Per caption, what a cached sample holds, and how many dimensions one caption has.
-# (SDXL: also the second tokenizer's ids and the pooled embedding; see families.py.)
-CAPTION_TENSORS = {"input_ids": 1, "input_ids_2": 1, "encoder_hidden_states": 2, "text_embeds": 1}
+# (SDXL, SD3: also the other tokenizers' ids and the pooled embedding; families.py.)
+CAPTION_TENSORS = {
+    "input_ids": 1, "input_ids_2": 1, "input_ids_3": 1, "encoder_hidden_states": 2, "text_embeds": 1
+}  # fmt: skip
 
 
 def split_captions(text: str) -> list[str]:

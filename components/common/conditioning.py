@@ -19,6 +19,8 @@ import torch
 
 from components.common.families import Family, family_of
 
+T5 = "T5EncoderModel"
+
 
 class TextEncoders:
     def __init__(self, family: Family, tokenizers: list, encoders: list | None):
@@ -57,14 +59,17 @@ class TextEncoders:
         )
 
     def tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        """{input_ids[, input_ids_2]}: a row per caption, padded to each tokenizer's length."""
+        """{input_ids[, input_ids_2, ...]}: a row per caption, padded to each tokenizer's
+        length (CLIP's 77; T5's the family's `max_sequence_length`)."""
         out = {}
-        for name, tok in zip(self.family.token_names, self.tokenizers, strict=True):
+        kinds = self.family.encoders
+        for name, tok, kind in zip(self.family.token_names, self.tokenizers, kinds, strict=True):
+            length = self.family.max_sequence_length if kind == T5 else tok.model_max_length
             out[name] = tok(
                 captions,
                 padding="max_length",
                 truncation=True,
-                max_length=tok.model_max_length,
+                max_length=length,
                 return_tensors="pt",
             ).input_ids
         return out
@@ -77,12 +82,25 @@ class TextEncoders:
         if not self.family.pooled:  # SD: the last hidden states, as the recipe
             (name,) = self.family.token_names
             return {"encoder_hidden_states": self.encoders[0](ids[name].to(device))[0]}
-        states, pooled = [], None
-        for name, enc in zip(self.family.token_names, self.encoders, strict=True):
+        states, pooled = [], []
+        pairs = list(zip(self.family.token_names, self.encoders, strict=True))
+        clips = [(n, e) for (n, e), kind in zip(pairs, self.family.encoders, strict=True)
+                 if kind != T5]  # fmt: skip
+        for name, enc in clips:
             out = enc(ids[name].to(enc.device), output_hidden_states=True)
-            pooled = out[0]  # the last encoder's: CLIPTextModelWithProjection's text_embeds
+            pooled.append(out[0])  # CLIPTextModelWithProjection's text_embeds
             states.append(out.hidden_states[-2])
-        return {"encoder_hidden_states": torch.cat(states, dim=-1), "text_embeds": pooled}
+        hidden = torch.cat(states, dim=-1)
+        if self.family.name == "sdxl":  # the second encoder's pooled embedding alone
+            return {"encoder_hidden_states": hidden, "text_embeds": pooled[-1]}
+        # SD3: the CLIP states zero-padded to T5's width, then T5's; both pooled.
+        name, t5 = pairs[-1]
+        t5_states = t5(ids[name].to(t5.device))[0]
+        hidden = torch.nn.functional.pad(hidden, (0, t5_states.shape[-1] - hidden.shape[-1]))
+        return {
+            "encoder_hidden_states": torch.cat([hidden, t5_states], dim=-2),
+            "text_embeds": torch.cat(pooled, dim=-1),
+        }
 
 
 def _tokenizer(model: Path, sub: str):
@@ -97,11 +115,9 @@ def _tokenizer(model: Path, sub: str):
 
 
 def _encoder_class(family: Family, index: int):
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    import transformers
 
-    if family.pooled and index == len(family.text_parts) - 1:
-        return CLIPTextModelWithProjection
-    return CLIPTextModel
+    return getattr(transformers, family.encoders[index])
 
 
 def denoiser_inputs(
@@ -114,6 +130,8 @@ def denoiser_inputs(
     else:
         states = text.encode({k: batch[k] for k in family.token_names})
     hidden = states["encoder_hidden_states"].to(device, dtype, non_blocking=True)
+    if family.denoiser == "transformer":  # SD3: the pooled projections
+        return hidden, {"pooled_projections": states["text_embeds"].to(device, dtype)}
     if not family.micro_conditioning:
         return hidden, None
     added = {
@@ -121,6 +139,15 @@ def denoiser_inputs(
         "time_ids": batch["time_ids"].to(device, dtype, non_blocking=True),
     }
     return hidden, added
+
+
+def predict(family: Family, model, noisy, timesteps, hidden, added):
+    """The denoiser's output for `noisy` at `timesteps`, conditioned as the family's is."""
+    if family.denoiser == "transformer":
+        return model(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=hidden,
+                     return_dict=False, **added)[0]  # fmt: skip
+    extra = {"added_cond_kwargs": added} if added is not None else {}
+    return model(noisy, timesteps, hidden, **extra, return_dict=False)[0]
 
 
 def time_ids(

@@ -39,8 +39,9 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    # "tiny" / "tiny-sdxl" (built offline: SD / SDXL layout), a Hugging Face hub id, or
-    # a local diffusers folder (SD 1.x/2.x or SDXL: the family comes from the model).
+    # "tiny" / "tiny-sdxl" / "tiny-sd3" (built offline: SD / SDXL / SD3 layout), a
+    # Hugging Face hub id, or a local diffusers folder (SD 1.x/2.x, SDXL or SD3: the
+    # family comes from the model).
     source: str = "tiny"
     revision: str | None = None
     seed: int = 0
@@ -174,6 +175,14 @@ class TrainConfig(Section):
     dream_training: bool = False
     dream_detail_preservation: float = Field(1.0, ge=0)
     proportion_empty_prompts: float = Field(0.0, ge=0, le=1)
+    # Flow matching (SD3): the diffusers scripts' flags. weighting_scheme null: the
+    # family's script default (SD3: logit_normal); sigma_sqrt / cosmap weight the loss,
+    # logit_normal / mode the timestep density. precondition_outputs null: SD3's (true).
+    weighting_scheme: Literal["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"] | None = None
+    logit_mean: float = 0.0
+    logit_std: float = Field(1.0, gt=0)
+    mode_scale: float = 1.29
+    precondition_outputs: bool | None = None
     # The SDXL recipe's timestep bias (any family): none samples timesteps uniformly;
     # earlier / later weigh the first / last timestep_bias_portion of them by
     # timestep_bias_multiplier; range weighs [timestep_bias_begin, timestep_bias_end).

@@ -10,9 +10,13 @@ between families is here and in `conditioning.py` (what conditions the denoiser)
   the UNet takes both encoders' penultimate hidden states concatenated, and, as
   `added_cond_kwargs`, the second's pooled embedding (`text_embeds`) and six
   micro-conditioning numbers (`time_ids`: original size, crop top-left, target size).
+- **sd3** (SD3/3.5, MMDiT): two CLIPs with projection and T5; the transformer takes the
+  CLIPs' penultimate states concatenated, zero-padded to T5's width and followed by
+  T5's states, and both pooled embeddings concatenated (`pooled_projections`); it is
+  trained by flow matching (`flow.py`).
 
-A further family (a transformer: SD3, FLUX) adds a `Family` here and its text and
-denoiser inputs in `conditioning.py`; the stages call the same functions.
+A further family (FLUX) adds a `Family` here and its text and denoiser inputs in
+`conditioning.py`; the stages call the same functions.
 """
 
 from __future__ import annotations
@@ -37,6 +41,17 @@ class Family:
     micro_conditioning: bool = False
     # the pooled text embedding conditions the denoiser too (`text_embeds`)
     pooled: bool = False
+    # the denoiser's subfolder (and attribute of the pipeline): unet or transformer
+    denoiser: str = "unet"
+    # denoising (epsilon / v, DDPM) or flow (flow matching, `flow.py`)
+    objective: str = "denoising"
+    # the text encoders' transformers classes, in `text_parts` order
+    encoders: tuple[str, ...] = ("CLIPTextModel",)
+    # T5's token length (the SD3 script's --max_sequence_length)
+    max_sequence_length: int = 77
+    # the flow scripts' defaults: weighting_scheme, precondition_outputs
+    weighting_scheme: str = "none"
+    precondition_outputs: bool = False
 
     @property
     def token_names(self) -> tuple[str, ...]:
@@ -75,8 +90,26 @@ SDXL = Family(
     ("stable-diffusion-xl", "stable-diffusion-xl-diffusers"),
     micro_conditioning=True,
     pooled=True,
+    encoders=("CLIPTextModel", "CLIPTextModelWithProjection"),
 )
-FAMILIES = {f.pipeline_class: f for f in (SD, SDXL)}
+SD3 = Family(
+    "sd3",
+    "StableDiffusion3Pipeline",
+    "Stable Diffusion 3/3.5",
+    (
+        ("tokenizer", "text_encoder"),
+        ("tokenizer_2", "text_encoder_2"),
+        ("tokenizer_3", "text_encoder_3"),
+    ),  # fmt: skip
+    ("sd3", "sd3-diffusers"),
+    pooled=True,
+    denoiser="transformer",
+    objective="flow",
+    encoders=("CLIPTextModelWithProjection", "CLIPTextModelWithProjection", "T5EncoderModel"),
+    weighting_scheme="logit_normal",
+    precondition_outputs=True,
+)
+FAMILIES = {f.pipeline_class: f for f in (SD, SDXL, SD3)}
 BY_NAME = {f.name: f for f in FAMILIES.values()}
 
 
@@ -102,7 +135,7 @@ def family_of(model: Path, key: str = "model.source") -> Family:
             f"{key}: {model} is a {name or 'model without a pipeline class'}; this pipeline "
             f"trains {supported}"
         )
-    needed = [p for pair in found.text_parts for p in pair] + ["unet", "vae", "scheduler"]
+    needed = [p for pair in found.text_parts for p in pair] + [found.denoiser, "vae", "scheduler"]
     missing = [p for p in needed if not (Path(model) / p).is_dir()]
     if missing:
         raise ConfigError(

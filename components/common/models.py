@@ -32,6 +32,8 @@ def check_model_dir(path: Path, parts: tuple[str, ...] = PARTS) -> Path:
             f"{path}: not a diffusers model folder (no model_index.json); "
             "run `t2i base-model` or point --model at one"
         )
+    if parts is PARTS:  # the family's denoiser (a transformer, for SD3)
+        parts = tuple(denoiser_part(path) if p == "unet" else p for p in parts)
     missing = [p for p in parts if not (path / p).is_dir()]
     if missing:
         raise T2IError(f"{path}: model folder lacks {', '.join(missing)}")
@@ -48,9 +50,24 @@ def load_vae(path: Path, **options):
 
 
 def load_unet(path: Path, **options):
-    from diffusers import UNet2DConditionModel
+    """The denoiser of a pipeline folder: its UNet, or (SD3) its transformer, of the
+    class `model_index.json` names."""
+    import json
 
-    return UNet2DConditionModel.from_pretrained(check_model_dir(path), subfolder="unet", **options)
+    import diffusers
+
+    part = denoiser_part(path)
+    index = json.loads((check_model_dir(path, (part,)) / "model_index.json").read_text())
+    cls = getattr(diffusers, index.get(part, ["diffusers", "UNet2DConditionModel"])[1])
+    return cls.from_pretrained(path, subfolder=part, **options)
+
+
+def denoiser_part(path: Path) -> str:
+    """The denoiser's subfolder: `unet`, or `transformer` for a transformer family."""
+    from components.common.families import FAMILIES, pipeline_class
+
+    family = FAMILIES.get(pipeline_class(path) or "")
+    return family.denoiser if family is not None else "unet"
 
 
 def load_text_encoder(path: Path, **options):
@@ -66,9 +83,16 @@ def load_tokenizer(path: Path, **options):
 
 
 def load_noise_scheduler(path: Path, **options):
-    from diffusers import DDPMScheduler
+    """The training scheduler: DDPM from the model's scheduler config, as the recipes
+    do; a flow-matching family's own (FlowMatchEulerDiscreteScheduler, its shift)."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-    return DDPMScheduler.from_pretrained(check_model_dir(path), subfolder="scheduler", **options)
+    from components.common.families import FAMILIES, pipeline_class
+
+    family = FAMILIES.get(pipeline_class(path) or "")
+    flow = family is not None and family.objective == "flow"
+    cls = FlowMatchEulerDiscreteScheduler if flow else DDPMScheduler
+    return cls.from_pretrained(check_model_dir(path), subfolder="scheduler", **options)
 
 
 def weights_sha256(path: Path, part: str, check: bool = True) -> str:
@@ -124,7 +148,7 @@ def trained_weights_sha256(model: Path) -> str:
 
     if is_adapter(model):
         return sha256_file(Path(model) / ADAPTER_WEIGHTS)
-    return weights_sha256(model, "unet")
+    return weights_sha256(model, denoiser_part(model))
 
 
 def load_pipeline(model: Path, base: Path | None = None, **options):

@@ -216,6 +216,8 @@ class LatentManifest(Versioned):
     resolution: int
     latent_shape: list[int]  # of a square image; with buckets, each bucket's own
     vae_scaling_factor: float
+    # SD3/FLUX's VAEs: latents are (z - shift) * scale
+    vae_shift_factor: float | None = None
     buckets: list[tuple[int, int]] | None = None  # (width, height) in pixels
     model: dict[str, Any]  # the weights' hashes and settings in every cache key
     pack: PackLineage

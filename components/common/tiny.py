@@ -147,3 +147,27 @@ def _image_processor(size: int):
         image_mean=list(_CLIP_MEAN),
         image_std=list(_CLIP_STD),
     )
+
+
+def build_tiny_t5_tokenizer():
+    """A T5TokenizerFast (SentencePiece-style Unigram over the tiny word list, built
+    with `tokenizers`: no download, no sentencepiece): `<pad>` 0, `</s>` 1, `<unk>` 2,
+    and `</s>` after every text, as T5's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    words = sorted(set(_WORDS))
+    letters = sorted({c for w in words for c in w})
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [("▁" + w, -1.0) for w in words] + [(c, -5.0) for c in letters]
+    pieces += [("▁" + c, -4.0) for c in letters] + [(",", -3.0), ("▁,", -3.0)]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    return T5TokenizerFast(
+        tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        extra_ids=0, model_max_length=512,
+    )  # fmt: skip

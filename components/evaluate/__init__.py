@@ -21,6 +21,7 @@ from components.common.errors import ConfigError, T2IError
 from components.common.io import atomic_path, write_bytes_atomic, write_json_atomic
 from components.common.models import (
     default_device,
+    denoiser_part,
     load_pipeline,
     trained_weights_sha256,
     weights_sha256,
@@ -100,14 +101,19 @@ def run(
     }
     target = training_scheduler_of(pipes["tuned"])
     per_t = {
-        name: held_out_loss(p, val, cfg, manifest.vae_scaling_factor, target)
+        name: held_out_loss(
+            p, val, cfg, manifest.vae_scaling_factor, target, shift_factor=manifest.vae_shift_factor
+        )
         for name, p in pipes.items()
     }
     jobs = [(p, cfg.seed + i) for p in cfg.prompts for i in range(cfg.images_per_prompt)]
     held_jobs = [(c, cfg.seed + 100_000 + j) for j, c in enumerate(heldout.captions)]
     images, clip, dist = {}, {}, {}
     for name, pipe in pipes.items():
-        use_scheduler(pipe, cfg.scheduler)
+        if _family(pipe).objective == "flow":  # its own flow-matching Euler sampler
+            pipe.set_progress_bar_config(disable=True)
+        else:
+            use_scheduler(pipe, cfg.scheduler)
         images[name] = generate(pipe, jobs, cfg, manifest.resolution)
         clip[name] = clip_scores(scorers, [to_uint8(i) for i in images[name]], [p for p, _ in jobs])
         fake = torch.stack(
@@ -185,7 +191,8 @@ def check_inputs(cfg: EvaluateConfig, latents: Path) -> None:
 def check_adapter_base(train: TrainRecord, base_model: Path) -> None:
     """T2IError when `train` is a LoRA adapter made for another UNet than `base_model`'s
     (its numbers would describe a model nobody can load)."""
-    if train.adapter and weights_sha256(base_model, "unet") != train.adapter.base_unet_sha256:
+    part = denoiser_part(base_model)
+    if train.adapter and weights_sha256(base_model, part) != train.adapter.base_unet_sha256:
         raise T2IError(
             f"{base_model}: not the base model the LoRA adapter was trained on (its UNet "
             "differs); evaluate with the train stage's --model"
@@ -296,14 +303,23 @@ def _save_samples(images: dict[str, list[Image.Image]], jobs, out: Path) -> list
 
 def training_scheduler_of(pipe):
     """The DDPM training scheduler of a pipeline's config: its prediction type is the
-    fine-tune's objective."""
-    from diffusers import DDPMScheduler
+    fine-tune's objective (a flow family's: its flow-matching scheduler)."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
+    if _family(pipe).objective == "flow":
+        return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
     return DDPMScheduler.from_config(pipe.scheduler.config)
 
 
 def loss_basis(pipes: dict, target) -> str:
     """How the held-out losses were made comparable, for the report."""
+    family = _family(next(iter(pipes.values())))
+    if family.objective == "flow":
+        kind = "x0 (preconditioned)" if family.precondition_outputs else "velocity (ε - x)"
+        return (
+            f"both models scored by flow matching on the {kind} target at fixed σ = t/1000, "
+            "with the same noise, unweighted"
+        )
     kind = target.config.prediction_type
     own = {name: p.scheduler.config.prediction_type for name, p in pipes.items()}
     text = f"both models scored on the fine-tune's {kind} target (what training minimised)"
@@ -321,6 +337,7 @@ def held_out_loss(
     scaling_factor: float,
     target_scheduler=None,
     batch_size: int = 64,
+    shift_factor: float | None = None,
 ) -> dict[int, float]:
     """Mean loss per timestep over the validation samples, by training's own
     `denoising_loss`, with the same ε and noise for every model. The target is
@@ -329,6 +346,9 @@ def held_out_loss(
     scored on one quantity. Min-SNR weighting is left off: at one timestep it is a
     constant factor, the same for both models."""
     scheduler = target_scheduler or training_scheduler_of(pipe)
+    if _family(pipe).objective == "flow":
+        return _flow_held_out_loss(pipe, val, cfg, scaling_factor, shift_factor, scheduler,
+                                   batch_size)  # fmt: skip
     own = pipe.scheduler.config.prediction_type
     device = pipe.device
     text = pipe_text(pipe)
@@ -359,12 +379,49 @@ def held_out_loss(
     return losses
 
 
+def _flow_held_out_loss(pipe, val, cfg, scale, shift, scheduler, batch_size) -> dict[int, float]:
+    """Flow matching's held-out loss: at fixed σ = t/1000 (the schedule's nearest
+    entry) per `val_timesteps` entry, with the same ε and noise for every model,
+    unweighted (a weighting at one σ is a constant factor), on the family's target."""
+    from components.common.conditioning import predict
+    from components.common.flow import FlowObjective, flow_matching_loss, sigma_timesteps
+
+    family, device, text = _family(pipe), pipe.device, pipe_text(pipe)
+    flow = FlowObjective(weighting_scheme="none", precondition_outputs=family.precondition_outputs)
+    denoiser = getattr(pipe, family.denoiser)
+    losses = {}
+    for t in cfg.val_timesteps:
+        g = torch.Generator().manual_seed(cfg.seed * 1009 + t)
+        total = 0.0
+        for rows in _same_shape_batches(val, batch_size):
+            batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0] if k != "__key__"}
+            mean, logvar = batch["mean"], batch["logvar"]
+            eps, noise = torch.randn(mean.shape, generator=g), torch.randn(mean.shape, generator=g)
+            z = mean + torch.exp(0.5 * logvar) * eps
+            latents = ((z - (shift or 0.0)) * scale).to(device)
+            timesteps, sigmas = sigma_timesteps(scheduler, t / 1000, len(rows))
+            hidden, added = text_conditioning(text, batch, device, latents.dtype)
+            per_sample = flow_matching_loss(
+                lambda x, ts: predict(family, denoiser, x, ts, hidden, added),  # noqa: B023
+                latents, noise.to(device), timesteps, sigmas, flow, reduction="none",
+            )  # fmt: skip
+            total += per_sample.sum().item()
+        losses[t] = total / len(val)
+    return losses
+
+
+def _family(pipe):
+    from components.common.families import FAMILIES, SD
+
+    return FAMILIES.get(type(pipe).__name__, SD)
+
+
 def pipe_text(pipe):
     """The text encoders of a pipeline, as `text_conditioning` takes them."""
     from components.common.conditioning import TextEncoders
-    from components.common.families import FAMILIES, SD
+    from components.common.families import SD
 
-    family = FAMILIES.get(type(pipe).__name__, SD)
+    family = _family(pipe)
     return pipe.text_encoder if family == SD else TextEncoders.of_pipeline(pipe, family)
 
 

@@ -30,6 +30,7 @@ from components.common.io import json_bytes, sha256_file
 from components.common.models import (
     ADAPTER_WEIGHTS,
     check_model_dir,
+    denoiser_part,
     is_adapter,
     trained_weights_sha256,
 )
@@ -159,6 +160,16 @@ def exports(
     if not cfg.single_file:
         return {}
     found: dict[str, tuple[Path, dict]] = {}
+    from components.common.families import BY_NAME
+
+    family = BY_NAME[getattr(train, "family", "sd")]
+    if family.denoiser != "unet":  # SD3: ComfyUI's transformer layout is not written yet
+        if skipped is not None:
+            skipped.append(
+                f"single-file and kohya exports skipped: not built for {family.label} yet "
+                "(the diffusers folder and its LoRA file load with diffusers)"
+            )
+        return found
     if train.adapter is not None:
         name = f"{cfg.name}.kohya.safetensors"
         path = single_file.export_kohya_lora(
@@ -259,6 +270,8 @@ def check_complete(model: Path) -> None:
             required += _REQUIRED
     else:
         check_model_dir(model)
+    part = denoiser_part(model) if (Path(model) / "model_index.json").is_file() else "unet"
+    required = [g.replace("unet/", f"{part}/") for g in required]  # (SD3: transformer/)
     missing = [g for g in required if not any(Path(model).glob(g))]
     if missing:
         raise T2IError(

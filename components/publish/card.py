@@ -171,10 +171,11 @@ def _intro(base_desc: str, train: TrainRecord, source: str) -> list[str]:
         "with t2i-pipeline (the diffusers `train_text_to_image.py` recipe) for "
         f"{train.steps} steps on `{source}`."
     )
+    denoiser = "UNet" if _family(train).denoiser == "unet" else "transformer"
     if train.adapter is None:
         return [
-            f"A text-to-image model: the UNet of {base_desc}, fine-tuned {recipe} "
-            "The VAE, text encoder and tokenizer are the base model's, unchanged."
+            f"A text-to-image model: the {denoiser} of {base_desc}, fine-tuned {recipe} "
+            "The VAE, text encoders and tokenizers are the base model's, unchanged."
         ]
     a = train.adapter
     merged = (
@@ -184,7 +185,7 @@ def _intro(base_desc: str, train: TrainRecord, source: str) -> list[str]:
     )
     return [
         f"A LoRA adapter (rank {a.rank}, alpha {a.alpha:g}, on {', '.join(a.target_modules)}) "
-        f"for the UNet of {base_desc}, trained {recipe} The base model is unchanged: load "
+        f"for the {denoiser} of {base_desc}, trained {recipe} The base model is unchanged: load "
         f"it, then this adapter (`{a.weights}`).{merged}"
     ]
 

@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from components.common.config import TrainConfig
+from components.common.flow import flow_objective
 from components.common.io import atomic_dir, sha256_json
-from components.common.models import trained_weights_sha256, weights_sha256
+from components.common.models import denoiser_part, trained_weights_sha256, weights_sha256
 from components.common.progress import progress
 from components.common.records import (
     BASE_MODEL_RECORD,
@@ -282,7 +283,7 @@ def _prepare(cfg, latents, manifest, models_at, reports, checkpoint_dir) -> Run:
         num_training_steps=_max_steps(cfg, stream),
     )
     unet, optimizer = accelerator.prepare(unet, optimizer)
-    base_unet = weights_sha256(trained_unet, "unet")
+    base_unet = weights_sha256(trained_unet, denoiser_part(trained_unet))
     inputs = {
         "config": cfg.model_dump(mode="json", exclude=_NOT_IN_FINGERPRINT),
         "latents": [s.sha256 for s in manifest.shards],
@@ -366,6 +367,7 @@ def train_steps(r: Run, step: int, max_steps: int, log: LossLog) -> LossLog:
     )
     rows = r.stream.rows
     bias = timestep_weights(cfg, r.models.noise_scheduler.config.num_train_timesteps)
+    flow = flow_objective(cfg, r.models.text.family)
     bar = progress(max_steps, "train", "step", disable=not acc.is_main_process, initial=step)
     started, images, micro_losses = time.perf_counter(), 0, []
     epoch = r.stream.position(step * cfg.gradient_accumulation_steps)[0]
@@ -388,6 +390,8 @@ def train_steps(r: Run, step: int, max_steps: int, log: LossLog) -> LossLog:
                 device=acc.device,
                 objective=objective,
                 timestep_weights=bias,
+                shift_factor=r.latents.vae_shift_factor,
+                flow=flow,
             )
             acc.backward(loss)
             if acc.sync_gradients:
@@ -521,12 +525,13 @@ def save_pipeline(
     """Base model parts + the trained UNet (+ the training scheduler config) as one
     folder, with the training record (`training_record.json`) when given; `vae`: the
     VAE the latents were made with, saved in place of the base's."""
+    part = denoiser_part(base)  # unet, or a transformer family's transformer
     with atomic_dir(out) as tmp:
-        skip = ("unet", BASE_MODEL_RECORD, TRAIN_RECORD) + (("vae",) if vae else ())
+        skip = (part, BASE_MODEL_RECORD, TRAIN_RECORD) + (("vae",) if vae else ())
         shutil.copytree(base, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*skip))
         if vae is not None:
             shutil.copytree(vae, tmp / "vae", ignore=shutil.ignore_patterns("*.bin", "*.ckpt"))
-        unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        unet.save_pretrained(tmp / part, safe_serialization=True)
         noise_scheduler.save_pretrained(tmp / "scheduler")
         if record is not None:
             _write_record(record, tmp)
@@ -538,9 +543,10 @@ def save_adapter_model(base: Path, unet, noise_scheduler, out: Path, record: Tra
     adapter merged in (a complete pipeline). The base model's own parts stay out
     otherwise: users load the adapter onto the base they already have."""
     with atomic_dir(out) as tmp:
-        lora.save_adapter(unet, tmp)
+        lora.save_adapter(unet, tmp, base)
         if record.adapter is not None and record.adapter.merged:
-            skip = shutil.ignore_patterns("unet", "scheduler", BASE_MODEL_RECORD, TRAIN_RECORD)
+            part = denoiser_part(base)
+            skip = shutil.ignore_patterns(part, "scheduler", BASE_MODEL_RECORD, TRAIN_RECORD)
             lora.save_merged(base, tmp, skip)
         noise_scheduler.save_pretrained(tmp / "scheduler")
         _write_record(record, tmp)

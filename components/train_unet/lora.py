@@ -70,20 +70,26 @@ def load_trainable_state(unet: torch.nn.Module, weights: dict[str, torch.Tensor]
     unet.load_state_dict(weights, strict=False)
 
 
-def save_adapter(unet: torch.nn.Module, folder: Path) -> None:
-    """The adapter as `folder/pytorch_lora_weights.safetensors` (diffusers format)."""
+def save_adapter(unet: torch.nn.Module, folder: Path, base: Path | None = None) -> None:
+    """The adapter as `folder/pytorch_lora_weights.safetensors` (diffusers format), as
+    the family of `base` (default SD) saves its denoiser's LoRA."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
+    from components.common.families import SD, family_of
+
+    family = family_of(base) if base is not None else SD
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    StableDiffusionPipeline.save_lora_weights(
+    part = family.denoiser
+    saver = StableDiffusionPipeline if family.denoiser == "unet" else family.pipeline()
+    saver.save_lora_weights(
         folder,
-        unet_lora_layers=layers,
         weight_name=ADAPTER_WEIGHTS,
         safe_serialization=True,
-        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
-    )
+        **{f"{part}_lora_layers": layers,
+           f"{part}_lora_adapter_metadata": unet.peft_config["default"].to_dict()},
+    )  # fmt: skip
 
 
 def save_merged(base: Path, folder: Path, ignore) -> None:
@@ -91,10 +97,13 @@ def save_merged(base: Path, folder: Path, ignore) -> None:
     merged into its UNet. Loading the adapter the way users will (`load_lora_weights`)
     also proves the file."""
     pipe = load_pipeline(folder, base)
+    from components.common.models import denoiser_part
+
+    part = denoiser_part(base)
     pipe.fuse_lora()
     pipe.unload_lora_weights()
     shutil.copytree(base, folder, dirs_exist_ok=True, ignore=ignore)
-    pipe.unet.save_pretrained(folder / "unet", safe_serialization=True)
+    getattr(pipe, part).save_pretrained(folder / part, safe_serialization=True)
 
 
 def adapter_record(cfg: TrainConfig, base_unet_sha256: str) -> AdapterRecord:

@@ -94,7 +94,8 @@ def log_validation(
     try:
         family = family_of(model)
         extra = {"safety_checker": None, "requires_safety_checker": False} if family == SD else {}
-        pipe = family.pipeline().from_pretrained(model, unet=unet, **extra).to(device)
+        extra[family.denoiser] = unet
+        pipe = family.pipeline().from_pretrained(model, **extra).to(device)
         pipe.set_progress_bar_config(disable=True)
         g = torch.Generator(device=device).manual_seed(cfg.seed)
         images = []

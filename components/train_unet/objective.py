@@ -9,6 +9,14 @@ from __future__ import annotations
 
 import torch
 
+from components.common.conditioning import TextEncoders
+from components.common.families import SD
+from components.common.flow import (
+    FlowObjective,
+    flow_matching_loss,
+    timestep_density,
+    timesteps_and_sigmas,
+)
 from components.common.objective import (
     Objective,
     denoising_loss,
@@ -34,6 +42,10 @@ class StepDraws:
     def randint(self, high: int, n: int) -> torch.Tensor:
         return torch.randint(0, high, (n,), generator=self.generator, device=self.device)[self.rows]
 
+    def density(self, flow: FlowObjective, n: int) -> torch.Tensor:
+        """u for `n` flow-matching timesteps, from the step's generator."""
+        return timestep_density(flow, n, self.generator, self.device)[self.rows]
+
     def weighted(self, weights: torch.Tensor, n: int) -> torch.Tensor:
         """`n` timesteps drawn with replacement in proportion to `weights` (the SDXL
         script's `torch.multinomial(weights, bsz, replacement=True)`)."""
@@ -53,12 +65,18 @@ def training_loss(
     device,
     objective: Objective | None = None,
     timestep_weights: torch.Tensor | None = None,
+    shift_factor: float | None = None,
+    flow: FlowObjective | None = None,
 ) -> torch.Tensor:
     """One micro-step's loss (a scalar) for this rank's part of the global batch:
     `draws` gives the step's random tensors for the `global_batch` (sliced to this
     rank's rows), `scaling_factor` is the VAE's; `text` the frozen text encoders
     (`conditioning.TextEncoders`, or an SD text encoder); `timestep_weights` the
     SDXL recipe's timestep bias (None: uniform)."""
+    family = text.family if isinstance(text, TextEncoders) else SD
+    if family.objective == "flow":
+        return _flow_loss(unet, text, noise_scheduler, batch, draws, family, scaling_factor,
+                          shift_factor, global_batch, device, flow or FlowObjective())  # fmt: skip
     objective = objective or Objective()
     mean = batch["mean"].to(device, non_blocking=True)
     logvar = batch["logvar"].to(device, non_blocking=True)
@@ -107,3 +125,22 @@ def timestep_weights(cfg, num_timesteps: int) -> torch.Tensor | None:
         biased = slice(cfg.timestep_bias_begin, cfg.timestep_bias_end)
     weights[biased] *= cfg.timestep_bias_multiplier
     return weights / weights.sum()
+
+
+def _flow_loss(unet, text, scheduler, batch, draws, family, scale, shift, global_batch, device,
+               flow: FlowObjective) -> torch.Tensor:  # fmt: skip
+    """Flow matching (SD3's script): latents (z - shift)·scale from the cached moments,
+    σ from the scheme's density, the loss of `flow.py`."""
+    from components.common.conditioning import predict
+
+    mean = batch["mean"].to(device, non_blocking=True)
+    logvar = batch["logvar"].to(device, non_blocking=True)
+    shape = (global_batch, *mean.shape[1:])
+    eps, noise = draws.randn(shape).to(device), draws.randn(shape).to(device)
+    latents = ((mean + torch.exp(0.5 * logvar) * eps) - (shift or 0.0)) * scale
+    timesteps, sigmas = timesteps_and_sigmas(scheduler, draws.density(flow, global_batch).cpu())
+    hidden, added = text_conditioning(text, batch, device, latents.dtype)
+    return flow_matching_loss(
+        lambda x, t: predict(family, unet, x, t, hidden, added),
+        latents, noise, timesteps.to(device), sigmas.to(device), flow,
+    )  # fmt: skip

@@ -129,8 +129,6 @@ def load_models(
     """The trainable UNet (from `trained_unet`'s folder), its EMA (from `model`'s), the
     frozen text encoder and the noise scheduler. T2IError when the latents were made
     with another VAE than this model's."""
-    from diffusers import UNet2DConditionModel
-
     cached_vae = latents_manifest.model.get("vae")
     other_vae = latents_manifest.cache_config.get("pretrained_vae_model_name_or_path")
     if cached_vae and (model / "vae").is_dir() and not other_vae:
@@ -169,7 +167,7 @@ def load_models(
         ema_unet = load_unet(model, **variant)
         ema = EMAModel(
             ema_unet.parameters(),
-            model_cls=UNet2DConditionModel,
+            model_cls=type(ema_unet),
             model_config=ema_unet.config,
             foreach=cfg.foreach_ema,
         )
@@ -191,7 +189,11 @@ def load_models(
 def training_scheduler(model: Path, cfg: TrainConfig):
     """The base model's noise scheduler with `train.prediction_type` applied. ConfigError
     when the resulting objective is one the recipe cannot train (e.g. `sample`)."""
+    family = family_of(model)
+    check_objective(cfg, family)
     noise_scheduler = load_noise_scheduler(model)
+    if family.objective == "flow":
+        return noise_scheduler
     if cfg.prediction_type:
         noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
     prediction = noise_scheduler.config.prediction_type
@@ -206,6 +208,27 @@ def training_scheduler(model: Path, cfg: TrainConfig):
             f"run's is {prediction}: set train.prediction_type: epsilon or turn DREAM off"
         )
     return noise_scheduler
+
+
+# Flags of one objective that the other does not have (the diffusers scripts' split).
+_DENOISING_ONLY = {
+    "prediction_type": None, "snr_gamma": None, "noise_offset": 0.0,
+    "input_perturbation": 0.0, "dream_training": False, "timestep_bias_strategy": "none",
+}  # fmt: skip
+_FLOW_ONLY = {"weighting_scheme": None, "precondition_outputs": None}
+
+
+def check_objective(cfg: TrainConfig, family) -> None:
+    """ConfigError naming a train key the family's objective has no use for (set, it
+    would silently do nothing)."""
+    other = _DENOISING_ONLY if family.objective == "flow" else _FLOW_ONLY
+    kind = "flow matching" if family.objective == "flow" else "the denoising objective"
+    for key, off in other.items():
+        if getattr(cfg, key) != off:
+            raise ConfigError(
+                f"train.{key}: not used by {kind}, which {family.label} trains with; "
+                f"remove it (or set it to {off!r})"
+            )
 
 
 def make_optimizer(cfg: TrainConfig, params, lr: float, device) -> torch.optim.Optimizer:
