@@ -114,7 +114,7 @@ def test_license_comes_from_the_base_models_card(tmp_path):
 def test_a_pipeline_the_trainer_cannot_train_is_refused_at_the_base_model_stage(
     tiny_model, tmp_path, capsys
 ):
-    """A FLUX (or any other unsupported) pipeline folder: one line naming its class and
+    """A PixArt (or any other unsupported) pipeline folder: one line naming its class and
     what is trained, before anything is written; `t2i train` on such a folder says the
     same."""
     import json
@@ -122,17 +122,19 @@ def test_a_pipeline_the_trainer_cannot_train_is_refused_at_the_base_model_stage(
 
     from components.cli import main
 
-    other = tmp_path / "flux"
+    other = tmp_path / "pixart"
     shutil.copytree(tiny_model, other)
     index = json.loads((other / "model_index.json").read_text())
-    (other / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
+    (other / "model_index.json").write_text(
+        json.dumps({**index, "_class_name": "PixArtAlphaPipeline"})
+    )
     out = tmp_path / "base"
     assert main(["base-model", "--set", f"model.source={other}", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "is a FluxPipeline" in err, err
+    assert len(err.splitlines()) == 1 and "is a PixArtAlphaPipeline" in err, err
     assert "trains StableDiffusionPipeline (Stable Diffusion 1.x/2.x), " in err
     assert "StableDiffusionXLPipeline (Stable Diffusion XL), " in err
-    assert "StableDiffusion3Pipeline (Stable Diffusion 3/3.5)" in err
+    assert "StableDiffusion3Pipeline (Stable Diffusion 3/3.5), FluxPipeline (FLUX.1)" in err
     assert not out.exists()
     train = ["train", "--set", f"train.pretrained_model_name_or_path={other}"]
     assert main([*train, "--out", str(tmp_path / "m")]) == 2

@@ -170,3 +170,137 @@ def test_denoising_flags_are_refused_for_flow_matching(sd3, tmp_path):
             train_unet.run(TRAIN.model_copy(update={key: value}), sd3 / "latents", sd3 / "base",
                            tmp_path / "m", tmp_path / "t", tmp_path / "c")  # fmt: skip
     assert not (tmp_path / "m").exists()
+
+
+# -- tiny-flux --------------------------------------------------------------------------
+
+FLUX_LORA = TRAIN.model_copy(update={"lora_rank": 4, "lora_alpha": 8.0, "max_train_steps": 6,
+                                     "checkpointing_steps": 2, "lora_dropout": 0.1})  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def flux(sd3, tmp_path_factory):
+    root = tmp_path_factory.mktemp("flux")
+    base_model.run(ModelConfig(source="tiny-flux", tiny_vae_steps=8), root / "base")
+    cache = CACHE.model_copy(update={"text_embeddings": True})  # the families' default
+    cache_latents.run(cache, sd3 / "shards", root / "base", root / "latents")
+    return root
+
+
+def test_flux_lora_sigkill_then_resume_is_bit_exact(flux, sd3, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from .conftest import REPO
+    from .test_train import _KILL_AFTER_CHECKPOINT
+
+    straight = tmp_path / "straight"
+    args = [flux / "latents", flux / "base"]
+    train_unet.run(FLUX_LORA, *args, straight / "m", straight / "t", straight / "c")
+    paths = [*args, tmp_path / "m", tmp_path / "t", tmp_path / "c"]
+    done = subprocess.run(
+        [sys.executable, "-c", _KILL_AFTER_CHECKPOINT, "4", FLUX_LORA.model_dump_json()]
+        + [str(p) for p in paths],
+        env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == -9, done.stderr[-2000:]
+    report = train_unet.run(FLUX_LORA, *paths)
+    assert report.resumed_from_step == 4
+    a = load_file(tmp_path / "m" / "pytorch_lora_weights.safetensors")
+    b = load_file(straight / "m" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "t" / "loss.csv").read_text() == (straight / "t" / "loss.csv").read_text()
+    # The adapter loads onto the base pipeline and is evaluated against it.
+    out = evaluate.run(SD3_EVAL, tmp_path / "m", flux / "base", flux / "latents", tmp_path / "e",
+                       shards=sd3 / "shards")  # fmt: skip
+    assert out.base_val_loss > 0
+    publish.run(PublishConfig(name="flux-lora", registry=str(tmp_path / "r")), tmp_path / "m",
+                tmp_path / "e", tmp_path / "p")  # fmt: skip
+    card = (tmp_path / "r" / "flux-lora" / "1" / "README.md").read_text()
+    assert "- flux" in card and "FluxPipeline.from_pretrained" in card and "- lora" in card
+
+
+def test_a_full_flux_fine_tune_loads_and_generates(flux, sd3, tmp_path):
+    from diffusers import FluxPipeline
+
+    cfg = TRAIN.model_copy(update={"guidance_scale": 3.5, "weighting_scheme": "logit_normal"})
+    train_unet.run(cfg, flux / "latents", flux / "base", tmp_path / "m", tmp_path / "t",
+                   tmp_path / "c")  # fmt: skip
+    pipe = FluxPipeline.from_pretrained(tmp_path / "m")
+    image = pipe("a red circle", num_inference_steps=2, height=32, width=32, guidance_scale=3.5,
+                 generator=torch.Generator().manual_seed(0)).images[0]  # fmt: skip
+    assert image.size == (32, 32)
+
+
+def test_flux_cached_text_states_and_packing(flux, sd3, tmp_path):
+    """The cached CLIP-pooled and T5 states give the loss of running the encoders; the
+    2x2 packing round-trips (an identity transformer returns its input)."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import load as st_load
+
+    from components.common.conditioning import predict
+    from components.common.families import FLUX
+    from components.common.shards import read_shard
+
+    shard = json.loads((flux / "latents" / "manifest.json").read_text())["shards"][0]["name"]
+    tensors = st_load(next(iter(read_shard(flux / "latents" / shard)))["safetensors"])
+    assert tensors["encoder_hidden_states"].shape == (512, 32) and tensors["text_embeds"].shape == (
+        32,
+    )
+    cached, encoded = cached_and_encoded_losses(flux / "base", tensors, scaling_factor=1.0,
+                                                shift_factor=0.1)  # fmt: skip
+    assert cached == pytest.approx(encoded, rel=1e-4)
+
+    class Identity:
+        config = SimpleNamespace(guidance_embeds=True)
+
+        def __call__(self, hidden_states, **kw):
+            assert kw["img_ids"].shape == (hidden_states.shape[1], 3) and kw["guidance"][0] == 2.0
+            return (hidden_states,)
+
+    x = torch.randn(2, 4, 8, 6)
+    out = predict(FLUX, Identity(), x, torch.tensor([500.0, 500.0]), torch.zeros(2, 5, 32),
+                  {"pooled_projections": torch.zeros(2, 32)}, guidance=2.0)  # fmt: skip
+    assert torch.equal(out, x)
+
+
+def test_a_non_commercial_base_license_binds_the_card_and_is_not_overridden_silently(
+    flux, sd3, tmp_path
+):
+    import shutil
+
+    import yaml
+
+    dev = tmp_path / "dev"
+    shutil.copytree(flux / "base", dev)
+    (dev / "README.md").write_text(
+        "---\nlicense: other\nlicense_name: flux-1-dev-non-commercial-license\n"
+        "license_link: LICENSE.md\n---\n# a FLUX.1 dev stand-in\n"
+    )
+    base_model.run(ModelConfig(source=str(dev)), tmp_path / "base")
+    train = TRAIN.model_copy(update={"lora_rank": 4, "max_train_steps": 1})
+    train_unet.run(train, flux / "latents", tmp_path / "base", tmp_path / "m", tmp_path / "t",
+                   tmp_path / "c")  # fmt: skip
+    evaluate.run(SD3_EVAL, tmp_path / "m", tmp_path / "base", flux / "latents", tmp_path / "e",
+                 shards=sd3 / "shards")  # fmt: skip
+    with pytest.raises(ConfigError, match="publish.license 'mit' contradicts the base model's"):
+        publish.run(PublishConfig(name="dev", registry=str(tmp_path / "r"), license="mit"),
+                    tmp_path / "m", tmp_path / "e", tmp_path / "p")  # fmt: skip
+    assert not (tmp_path / "r" / "dev").exists()
+    publish.run(PublishConfig(name="dev", registry=str(tmp_path / "r")), tmp_path / "m",
+                tmp_path / "e", tmp_path / "p")  # fmt: skip
+    card = (tmp_path / "r" / "dev" / "1" / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert (
+        meta["license"] == "other" and meta["license_name"] == "flux-1-dev-non-commercial-license"
+    )
+    assert "**non-commercial use only**" in card
+    override = PublishConfig(name="dev2", registry=str(tmp_path / "r"), license="mit",
+                             license_override=True)  # fmt: skip
+    publish.run(override, tmp_path / "m", tmp_path / "e", tmp_path / "p2")
+    card = (tmp_path / "r" / "dev2" / "1" / "README.md").read_text()
+    assert "license: mit" in card and "non-commercial use only" not in card

@@ -21,7 +21,7 @@ from components.common.records import BASE_MODEL_RECORD, BaseModelRecord, write_
 
 # Files worth downloading from a hub repo: configs, safetensors weights, tokenizer, and
 # the card (README.md: its license is the fine-tune's default).
-TINY = ("tiny", "tiny-sdxl", "tiny-sd3")  # built offline from model.seed
+TINY = ("tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux")  # built offline from model.seed
 _HUB_PATTERNS = ["*.json", "*.txt", "*.safetensors", "tokenizer/*", "README.md"]
 
 
@@ -48,6 +48,12 @@ def run(cfg: ModelConfig, out: Path) -> BaseModelReport:
             build_tiny_pipeline(
                 cfg.seed, cfg.tiny_vae_steps, cfg.tiny_prediction_type
             ).save_pretrained(tmp, safe_serialization=True)
+        elif cfg.source == "tiny-flux":
+            from components.base_model.tiny import build_tiny_flux
+
+            build_tiny_flux(cfg.seed, cfg.tiny_vae_steps).save_pretrained(
+                tmp, safe_serialization=True
+            )
         elif cfg.source == "tiny-sd3":
             from components.base_model.tiny import build_tiny_sd3
 
@@ -72,21 +78,24 @@ def run(cfg: ModelConfig, out: Path) -> BaseModelReport:
             revision=revision,
             unet_sha256=weights_sha256(tmp, denoiser_part(tmp)),  # (SD3: the transformer's)
             license=card_license(tmp),
+            license_name=card_license(tmp, "license_name"),
+            license_link=card_license(tmp, "license_link"),
             seed=cfg.seed if cfg.source in TINY else None,
         )
         write_record(record, tmp / BASE_MODEL_RECORD)
     return BaseModelReport(cfg.source, revision, record.unet_sha256, str(out))
 
 
-def card_license(model: Path) -> str | None:
-    """The `license` of a model folder's card (README.md metadata), if it names one."""
+def card_license(model: Path, key: str = "license") -> str | None:
+    """The `license` (or `key`: license_name, license_link) of a model folder's card
+    (README.md metadata), if it names one."""
     card = Path(model) / "README.md"
     if not card.is_file():
         return None
     from huggingface_hub.repocard import metadata_load
 
     try:
-        license_ = (metadata_load(card) or {}).get("license")
+        license_ = (metadata_load(card) or {}).get(key)
     except ValueError:  # a card whose YAML header does not parse: no license to inherit
         return None
     return license_ if isinstance(license_, str) else None

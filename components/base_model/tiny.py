@@ -265,3 +265,61 @@ def build_tiny_sd3(seed: int, vae_steps: int = 0):
         text_encoder_3=t5,
         tokenizer_3=t5_tokenizer,
     )
+
+
+def build_tiny_flux(seed: int, vae_steps: int = 0, guidance: bool = True):
+    """A tiny FluxPipeline with FLUX.1's layout, from a seed: a transformer of one
+    double and one single block on 2x2-packed latents, with a guidance embedding (as
+    the guidance-distilled dev model; `guidance=False`: as schnell), CLIP (pooled) and
+    T5 (states), the tiny VAE with a shift factor, flow-matching Euler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    from components.common.tiny import build_tiny_t5_tokenizer
+
+    tokenizer, t5_tokenizer = build_tiny_tokenizer(), build_tiny_t5_tokenizer()
+    sd = build_tiny_pipeline(seed, vae_steps, "epsilon")  # its VAE
+    sd.vae.register_to_config(shift_factor=0.1)
+    width, t5_width = 32, 32
+    torch.manual_seed(seed + 12)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4 * 4,  # the VAE's 4 channels, 2x2-packed
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=t5_width,
+        pooled_projection_dim=width,
+        guidance_embeds=guidance,
+        axes_dims_rope=(4, 4, 8),
+    )
+    torch.manual_seed(seed + 13)
+    clip = CLIPTextModel(clip_config(tokenizer, width, 2))
+    torch.manual_seed(seed + 14)
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(t5_tokenizer),
+            d_model=t5_width,
+            d_ff=2 * t5_width,
+            d_kv=8,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=t5_tokenizer.pad_token_id,
+            eos_token_id=t5_tokenizer.eos_token_id,
+            decoder_start_token_id=t5_tokenizer.pad_token_id,
+        )
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15
+    )
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=sd.vae,
+        text_encoder=clip,
+        tokenizer=tokenizer,
+        text_encoder_2=t5,
+        tokenizer_2=t5_tokenizer,
+        transformer=transformer,
+    )

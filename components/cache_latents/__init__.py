@@ -109,6 +109,7 @@ def encode_part(
 ) -> CacheReport:
     """Encode this worker's shards (skipping committed ones) and write its part file."""
     packed = read_pack_manifest(shards)
+    cfg = resolve(cfg, model)
     # Buckets stay within the aspect ratios pack let through.
     max_aspect = float(packed.pack_config.get("max_aspect_ratio", 4.0))
     encoder = LatentEncoder(model, cfg, device, max_aspect)
@@ -195,6 +196,18 @@ def merge(
         if path.is_file() and ours and path.name not in listed:
             path.unlink()
     return manifest
+
+
+def resolve(cfg: CacheConfig, model: Path) -> CacheConfig:
+    """`cfg` with its family defaults settled (`text_embeddings` null: on for the
+    T5 families), as the manifest records it."""
+    if cfg.text_embeddings is not None:
+        return cfg
+    from components.common.families import family_of
+    from components.common.models import check_model_dir
+
+    flow = family_of(check_model_dir(Path(model)), "--model").objective == "flow"
+    return cfg.model_copy(update={"text_embeddings": flow})
 
 
 def _job(shard: dict, model_key: dict) -> dict:

@@ -101,6 +101,9 @@ class LatentEncoder:
     def __init__(
         self, model: Path, cfg: CacheConfig, device: str | None = None, max_aspect: float = 4.0
     ):
+        from components.cache_latents import resolve
+
+        cfg = resolve(cfg, model)
         self.cfg, self.device = cfg, device or default_device()
         self.family = family_of(model)
         vae = load_cache_vae(model, cfg).eval()
@@ -277,8 +280,9 @@ def downscale_factor(model: Path, vae_config) -> int:
     part = denoiser_part(model)
     denoiser = json.loads((Path(model) / part / "config.json").read_text())
     factor = 2 ** (len(vae_config.block_out_channels) - 1)
-    if part == "transformer":  # its patches (FLUX's packing would double it)
-        return factor * denoiser.get("patch_size", 1)
+    if part == "transformer":  # its patches; FLUX packs 2x2 of them
+        packed = 2 if "guidance_embeds" in denoiser else 1
+        return factor * denoiser.get("patch_size", 1) * packed
     return factor * 2 ** (len(denoiser["block_out_channels"]) - 1)
 
 

@@ -82,8 +82,12 @@ class TextEncoders:
         if not self.family.pooled:  # SD: the last hidden states, as the recipe
             (name,) = self.family.token_names
             return {"encoder_hidden_states": self.encoders[0](ids[name].to(device))[0]}
-        states, pooled = [], []
         pairs = list(zip(self.family.token_names, self.encoders, strict=True))
+        if self.family.packed:  # FLUX: CLIP's pooled output, T5's states
+            (n1, clip), (n2, t5) = pairs
+            pooled = clip(ids[n1].to(clip.device), output_hidden_states=False).pooler_output
+            return {"encoder_hidden_states": t5(ids[n2].to(t5.device))[0], "text_embeds": pooled}
+        states, pooled = [], []
         clips = [(n, e) for (n, e), kind in zip(pairs, self.family.encoders, strict=True)
                  if kind != T5]  # fmt: skip
         for name, enc in clips:
@@ -141,13 +145,34 @@ def denoiser_inputs(
     return hidden, added
 
 
-def predict(family: Family, model, noisy, timesteps, hidden, added):
-    """The denoiser's output for `noisy` at `timesteps`, conditioned as the family's is."""
+def predict(family: Family, model, noisy, timesteps, hidden, added, guidance: float = 3.5):
+    """The denoiser's output for `noisy` at `timesteps`, conditioned as the family's is
+    (FLUX: packed, with position ids and, for a guidance-distilled model, `guidance`)."""
+    if family.packed:
+        return _flux(model, noisy, timesteps, hidden, added["pooled_projections"], guidance)
     if family.denoiser == "transformer":
         return model(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=hidden,
                      return_dict=False, **added)[0]  # fmt: skip
     extra = {"added_cond_kwargs": added} if added is not None else {}
     return model(noisy, timesteps, hidden, **extra, return_dict=False)[0]
+
+
+def _flux(model, noisy, timesteps, hidden, pooled, guidance: float):
+    """FLUX's call, as its training script makes it: 2x2 patches, the image's and the
+    text's position ids, timestep/1000, and unpacked back to the latents' shape."""
+    from diffusers import FluxPipeline
+
+    b, c, h, w = noisy.shape
+    packed = FluxPipeline._pack_latents(noisy, b, c, h, w)
+    img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, noisy.dtype)
+    txt_ids = torch.zeros(hidden.shape[1], 3, device=noisy.device, dtype=noisy.dtype)
+    scale = None
+    if model.config.guidance_embeds:
+        scale = torch.full((b,), guidance, device=noisy.device, dtype=torch.float32)
+    out = model(hidden_states=packed, timestep=timesteps / 1000, guidance=scale,
+                pooled_projections=pooled, encoder_hidden_states=hidden, txt_ids=txt_ids,
+                img_ids=img_ids, return_dict=False)[0]  # fmt: skip
+    return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
 def time_ids(

@@ -113,7 +113,9 @@ class CacheConfig(Section):
     vae_slicing: bool = False
     vae_tiling: bool = False
     # Also cache the text encoder's last hidden state (the recipe's encoder_hidden_states).
-    text_embeddings: bool = False
+    # Also cache the text encoders' states (training then runs no text encoder). null:
+    # the family's default: off for SD 1.x/2.x and SDXL, on for SD3 and FLUX (T5-XXL).
+    text_embeddings: bool | None = None
     # Another VAE for the latents (a folder or hub id): SDXL's fp16-fix VAE
     # (madebyollin/sdxl-vae-fp16-fix), which train saves with the model. Without it an
     # SDXL VAE runs in fp32 (it overflows in fp16).
@@ -183,6 +185,9 @@ class TrainConfig(Section):
     logit_std: float = Field(1.0, gt=0)
     mode_scale: float = 1.29
     precondition_outputs: bool | None = None
+    # FLUX dev (guidance-distilled): the guidance its embedding is trained at (null: 3.5,
+    # the FLUX scripts' default; a model without the embedding ignores it).
+    guidance_scale: float | None = Field(None, ge=0)
     # The SDXL recipe's timestep bias (any family): none samples timesteps uniformly;
     # earlier / later weigh the first / last timestep_bias_portion of them by
     # timestep_bias_multiplier; range weighs [timestep_bias_begin, timestep_bias_end).
@@ -347,8 +352,11 @@ class PublishConfig(Section):
     # `hf auth login`, or a Kubernetes secret mounted as HF_TOKEN.
     hub_model_id: str | None = None
     private: bool = True
-    # Required for the Hub; null: the base model card's license (else an error).
+    # Required for the Hub; null: the base model card's license (else an error). A
+    # fine-tune is bound by its base's license: a value other than the base card's is
+    # refused unless license_override is true (you hold the rights to relicense).
     license: str | None = None
+    license_override: bool = False
     tag_format: str = "v{version}"
     # Files ComfyUI and AUTOMATIC1111 load, beside the diffusers folder: the full model
     # as one LDM-layout (SDXL: SGM) `<name>.safetensors` (the real SD 1.x/2.x or SDXL

@@ -15,7 +15,11 @@ between families is here and in `conditioning.py` (what conditions the denoiser)
   T5's states, and both pooled embeddings concatenated (`pooled_projections`); it is
   trained by flow matching (`flow.py`).
 
-A further family (FLUX) adds a `Family` here and its text and denoiser inputs in
+- **flux** (FLUX.1): CLIP (its pooled output) and T5 (its states, 512 tokens); the
+  transformer takes the latents packed in 2x2 patches with position ids, and a
+  guidance embedding when the model is guidance-distilled (dev); flow matching.
+
+A further family (FLUX.2) adds a `Family` here and its text and denoiser inputs in
 `conditioning.py`; the stages call the same functions.
 """
 
@@ -52,6 +56,9 @@ class Family:
     # the flow scripts' defaults: weighting_scheme, precondition_outputs
     weighting_scheme: str = "none"
     precondition_outputs: bool = False
+    # FLUX: latents packed in 2x2 patches for the transformer, with position ids and
+    # (guidance-distilled models) a guidance embedding
+    packed: bool = False
 
     @property
     def token_names(self) -> tuple[str, ...]:
@@ -109,7 +116,20 @@ SD3 = Family(
     weighting_scheme="logit_normal",
     precondition_outputs=True,
 )
-FAMILIES = {f.pipeline_class: f for f in (SD, SDXL, SD3)}
+FLUX = Family(
+    "flux",
+    "FluxPipeline",
+    "FLUX.1",
+    (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")),
+    ("flux", "flux-diffusers"),
+    pooled=True,
+    denoiser="transformer",
+    objective="flow",
+    encoders=("CLIPTextModel", "T5EncoderModel"),
+    max_sequence_length=512,
+    packed=True,
+)
+FAMILIES = {f.pipeline_class: f for f in (SD, SDXL, SD3, FLUX)}
 BY_NAME = {f.name: f for f in FAMILIES.values()}
 
 

@@ -29,6 +29,7 @@ class FlowObjective:
     logit_std: float = 1.0
     mode_scale: float = 1.29
     precondition_outputs: bool = True
+    guidance_scale: float = 3.5  # FLUX dev's guidance embedding (its script's default)
 
 
 def flow_objective(cfg, family) -> FlowObjective:
@@ -43,6 +44,7 @@ def flow_objective(cfg, family) -> FlowObjective:
             if cfg.precondition_outputs is None
             else cfg.precondition_outputs
         ),
+        guidance_scale=3.5 if cfg.guidance_scale is None else cfg.guidance_scale,
     )
 
 

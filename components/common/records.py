@@ -288,6 +288,9 @@ class BaseModelRecord(Versioned):
     revision: str | None = None  # the commit actually fetched, for hub models
     unet_sha256: str
     license: str | None = None  # from the base model's card, when it has one
+    # `license: other` cards name the license (e.g. flux-1-dev-non-commercial-license)
+    license_name: str | None = None
+    license_link: str | None = None
     seed: int | None = None  # tiny only
 
 

@@ -123,7 +123,16 @@ def run(
         raise GateFailed(f"not published: {receipt.reason} (receipt: {out / RECEIPT})")
     hub = cfg.target in ("hub", "both")
     token = hub_token() if hub else None  # before any work: no half-published targets
-    license_ = cfg.license or (train.base_model.license if train.base_model else None)
+    base_license = train.base_model.license if train.base_model else None
+    license_ = cfg.license or base_license
+    if cfg.license and base_license and cfg.license != base_license and not cfg.license_override:
+        name = train.base_model.license_name
+        raise ConfigError(
+            f"publish.license {cfg.license!r} contradicts the base model's card "
+            f"({base_license}{f': {name}' if name else ''}), whose terms bind the fine-tune; "
+            "remove publish.license to inherit it, or set publish.license_override: true "
+            "if you hold the rights to license it otherwise"
+        )
     if hub and not license_:
         raise ConfigError(
             "publish.license is required for the Hub and the base model's card names none; "

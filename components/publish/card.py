@@ -57,7 +57,7 @@ def render_card(
 
     meta = card_metadata(repo_id or name, license_, train, evaluation)
     load = repo_id or local_path or f"path/to/registry/{name}/{version}"
-    body = _body(load, name, version, train, evaluation, lineage)
+    body = _body(load, name, version, train, evaluation, lineage, license_)
     return str(ModelCard(f"---\n{meta.to_yaml()}\n---\n{body}"))
 
 
@@ -85,6 +85,9 @@ def card_metadata(model_name: str, license_: str | None, train, evaluation):
         extra.update(base_model=base.hub_id, base_model_relation=relation)
     if dataset:
         extra["datasets"] = [dataset]
+    if base is not None and license_ == "other" and license_ == base.license:
+        extra.update({k: v for k, v in (("license_name", base.license_name),
+                                        ("license_link", base.license_link)) if v})  # fmt: skip
     return ModelCardData(
         license=license_,
         library_name="diffusers",
@@ -101,7 +104,10 @@ def card_metadata(model_name: str, license_: str | None, train, evaluation):
     )
 
 
-def _body(load: str, name, version, train: TrainRecord, evaluation: EvaluationRecord, lineage):
+def _body(
+    load: str, name, version, train: TrainRecord, evaluation: EvaluationRecord, lineage,
+    license_: str | None = None,
+):  # fmt: skip
     base = train.base_model
     family = _family(train)
     base_desc = f"a {family.label} model"
@@ -120,6 +126,7 @@ def _body(load: str, name, version, train: TrainRecord, evaluation: EvaluationRe
         "",
         *_intro(base_desc, train, source),
         "",
+        *(_license_lines(base) if base is not None and license_ == base.license else []),
         "## Usage",
         "",
         *_usage(load, base, train, evaluation),
@@ -164,6 +171,23 @@ def _body(load: str, name, version, train: TrainRecord, evaluation: EvaluationRe
         "",
     ]
     return "\n".join(lines)
+
+
+def _license_lines(base) -> list[str]:
+    """What the base model's license (inherited by this fine-tune) allows, when it is a
+    non-commercial one (FLUX.1 dev's)."""
+    name = (base.license_name or "") if base is not None else ""
+    if "non-commercial" not in name:
+        return []
+    link = f" ({base.license_link})" if base.license_link else ""
+    return [
+        "## License",
+        "",
+        f"This fine-tune is bound by its base model's license, `{name}`{link}: "
+        "**non-commercial use only**. Outputs and weights may not be used commercially "
+        "unless the licensor grants it.",
+        "",
+    ]
 
 
 def _intro(base_desc: str, train: TrainRecord, source: str) -> list[str]:

@@ -141,6 +141,6 @@ def _flow_loss(unet, text, scheduler, batch, draws, family, scale, shift, global
     timesteps, sigmas = timesteps_and_sigmas(scheduler, draws.density(flow, global_batch).cpu())
     hidden, added = text_conditioning(text, batch, device, latents.dtype)
     return flow_matching_loss(
-        lambda x, t: predict(family, unet, x, t, hidden, added),
+        lambda x, t: predict(family, unet, x, t, hidden, added, flow.guidance_scale),
         latents, noise, timesteps.to(device), sigmas.to(device), flow,
     )  # fmt: skip

@@ -215,7 +215,7 @@ _DENOISING_ONLY = {
     "prediction_type": None, "snr_gamma": None, "noise_offset": 0.0,
     "input_perturbation": 0.0, "dream_training": False, "timestep_bias_strategy": "none",
 }  # fmt: skip
-_FLOW_ONLY = {"weighting_scheme": None, "precondition_outputs": None}
+_FLOW_ONLY = {"weighting_scheme": None, "precondition_outputs": None, "guidance_scale": None}
 
 
 def check_objective(cfg: TrainConfig, family) -> None:
