@@ -213,7 +213,7 @@ def build_tiny_sd3(seed: int, vae_steps: int = 0):
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import CLIPTextModelWithProjection
 
     from components.common.tiny import build_tiny_t5_tokenizer
 
@@ -240,20 +240,7 @@ def build_tiny_sd3(seed: int, vae_steps: int = 0):
     torch.manual_seed(seed + 10)
     clip_2 = CLIPTextModelWithProjection(clip_config(tokenizer, width, 3, "gelu"))
     torch.manual_seed(seed + 11)
-    t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(t5_tokenizer),
-            d_model=t5_width,
-            d_ff=2 * t5_width,
-            d_kv=16,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            pad_token_id=t5_tokenizer.pad_token_id,
-            eos_token_id=t5_tokenizer.eos_token_id,
-            decoder_start_token_id=t5_tokenizer.pad_token_id,
-        )
-    )
+    t5 = tiny_t5(t5_tokenizer, t5_width)
     return StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
@@ -273,7 +260,7 @@ def build_tiny_flux(seed: int, vae_steps: int = 0, guidance: bool = True):
     the guidance-distilled dev model; `guidance=False`: as schnell), CLIP (pooled) and
     T5 (states), the tiny VAE with a shift factor, flow-matching Euler."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel
 
     from components.common.tiny import build_tiny_t5_tokenizer
 
@@ -297,20 +284,7 @@ def build_tiny_flux(seed: int, vae_steps: int = 0, guidance: bool = True):
     torch.manual_seed(seed + 13)
     clip = CLIPTextModel(clip_config(tokenizer, width, 2))
     torch.manual_seed(seed + 14)
-    t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(t5_tokenizer),
-            d_model=t5_width,
-            d_ff=2 * t5_width,
-            d_kv=8,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            pad_token_id=t5_tokenizer.pad_token_id,
-            eos_token_id=t5_tokenizer.eos_token_id,
-            decoder_start_token_id=t5_tokenizer.pad_token_id,
-        )
-    )
+    t5 = tiny_t5(t5_tokenizer, t5_width)
     scheduler = FlowMatchEulerDiscreteScheduler(
         shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15
     )
@@ -322,4 +296,24 @@ def build_tiny_flux(seed: int, vae_steps: int = 0, guidance: bool = True):
         text_encoder_2=t5,
         tokenizer_2=t5_tokenizer,
         transformer=transformer,
+    )
+
+
+def tiny_t5(tokenizer, width: int):
+    """A tiny T5 encoder for `tokenizer` (two layers, four heads of width/4)."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=width,
+            d_ff=2 * width,
+            d_kv=width // 4,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=tokenizer.pad_token_id,
+        )
     )
