@@ -2,12 +2,16 @@
 evaluate.
 
 - `TextEncoders`: a family's tokenizers and frozen text encoders; `tokenize` gives
-  the token ids the cache stores (`input_ids`, SDXL's `input_ids_2`), `encode` the
-  text states (`encoder_hidden_states`; SDXL: both encoders' penultimate hidden states
-  concatenated, and the second's pooled, projected embedding `text_embeds`), as the
-  diffusers training scripts compute them.
-- `denoiser_inputs`: (encoder_hidden_states, added_cond_kwargs or None) for a batch,
-  from the cached text states or by running the encoders.
+  the token ids the cache stores (`input_ids`, `input_ids_2`, `input_ids_3`), `encode`
+  the text states as the diffusers training scripts compute them
+  (`encoder_hidden_states`, and the pooled `text_embeds`: SDXL's second encoder's;
+  SD3's two CLIPs', their states padded to T5's width and followed by T5's; FLUX's
+  CLIP pooled output and T5's states).
+- `denoiser_inputs`: (encoder_hidden_states, the extra inputs: SDXL's
+  `added_cond_kwargs`, SD3/FLUX's `pooled_projections`, or None) for a batch, from
+  the cached text states or by running the encoders.
+- `predict`: the denoiser called as its family's is (FLUX: packed 2x2, position ids,
+  guidance).
 - `time_ids`: SDXL's micro-conditioning of one sample, from the crop the cache made.
 """
 
