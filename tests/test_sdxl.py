@@ -106,6 +106,8 @@ def test_a_lora_on_sdxl_loads_from_both_files_and_resumes_exactly(xl, tmp_path):
     from diffusers import StableDiffusionXLPipeline
     from safetensors.torch import load_file
 
+    from components.common.io import sha256_file
+
     cfg = TRAIN.model_copy(update={"lora_rank": 4, "lora_alpha": 8.0})
     straight, resumed = train_then_resume(cfg, xl / "latents", xl / "base", tmp_path,
                                           "checkpoint-6")  # fmt: skip
@@ -114,6 +116,7 @@ def test_a_lora_on_sdxl_loads_from_both_files_and_resumes_exactly(xl, tmp_path):
     a, b = tmp_path / "a" / "m" / adapter, tmp_path / "b" / "m" / adapter
     wa, wb = load_file(a), load_file(b)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)  # exact
+    assert sha256_file(a) == sha256_file(b)  # and the same file: the registry dedupes it
     publish.run(PublishConfig(name="xl-lora", registry=str(tmp_path / "r")),
                 tmp_path / "a" / "m", _eval(xl, tmp_path), tmp_path / "p")  # fmt: skip
     kohya = tmp_path / "r" / "xl-lora" / "1" / "xl-lora.kohya.safetensors"

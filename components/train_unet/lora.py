@@ -90,6 +90,29 @@ def save_adapter(unet: torch.nn.Module, folder: Path, base: Path | None = None) 
         **{f"{part}_lora_layers": layers,
            f"{part}_lora_adapter_metadata": unet.peft_config["default"].to_dict()},
     )  # fmt: skip
+    canonical_header(Path(folder) / ADAPTER_WEIGHTS)
+
+
+def canonical_header(path: Path) -> None:
+    """Put a safetensors file's metadata in sorted order. safetensors writes it in a
+    per-process hash order, so one adapter saved by two processes (a resumed run) had
+    two sha256s, and the registry's dedupe on it saw two models."""
+    import json
+    import struct
+
+    with open(path, "r+b") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(size)
+        header = json.loads(raw)
+        meta = header.pop("__metadata__", None)
+        if meta is None:
+            return
+        ordered = {"__metadata__": dict(sorted(meta.items())), **header}
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:  # (never: the same entries, reordered)
+            return
+        f.seek(8)
+        f.write(text + b" " * (size - len(text)))
 
 
 def save_merged(base: Path, folder: Path, ignore) -> None:
