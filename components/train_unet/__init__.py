@@ -177,6 +177,9 @@ def run(
             vae = _cache_vae(r.latents)
             save_pipeline(model, unet, r.models.noise_scheduler, out, record, vae)
         write_reports(Path(metrics_dir) if metrics_dir else reports, report, log.rows)
+    # Every rank leaves together: tearing the process group down while rank 0 was
+    # still saving left it waiting on a peer that had gone (a gloo hang at exit).
+    r.accelerator.wait_for_everyone()
     r.accelerator.end_training()
     return report
 
