@@ -896,7 +896,7 @@ def _by_reference(ctx: Context, stage: str, store: Path | None, out: Path, extra
     wrote into `out` itself. The manifest is also kept under the run's notes (and, with
     an object store, in it), for `t2i store gc`."""
     from components.common import objects
-    from components.common.records import write_store_ref
+    from components.common.records import listed_shards, write_store_ref
 
     uri = os.environ.get(objects.STORE_ENV) or None
     if store is None and uri is None:
@@ -905,7 +905,7 @@ def _by_reference(ctx: Context, stage: str, store: Path | None, out: Path, extra
     manifest = folder / "manifest.json"
     if uri is not None:
         doc = json.loads(manifest.read_text())
-        count, size = objects.upload(folder, uri, [(s["name"], s["sha256"]) for s in doc["shards"]])
+        count, size = objects.upload(folder, uri, listed_shards(folder))
         say(stage, f"{count} new shards ({size / 1e6:.1f} MB) uploaded to {uri}")
         if store is None:  # the artifact keeps the manifest (and rejected.jsonl) only
             for path in out.iterdir():
@@ -915,8 +915,7 @@ def _by_reference(ctx: Context, stage: str, store: Path | None, out: Path, extra
         if run_id:
             objects.ObjectStore(uri).put_json(f"runs/{run_id}/{stage}-manifest.json", doc)
     elif (folder / objects.UPLOADED).exists():  # the object store given up: back here
-        doc = json.loads(manifest.read_text())
-        count = objects.restore(folder, [(s["name"], s["sha256"]) for s in doc["shards"]])
+        count = objects.restore(folder, listed_shards(folder))
         say(stage, f"{count} shards downloaded back from {objects.store_of(folder)}")
     write_store_ref(out, uri if uri is not None else store, manifest)
     if store is None:

@@ -116,7 +116,8 @@ def encode_part(
     jobs = [_job(shard.model_dump(), encoder.model_key) for shard in packed.shards][index::count]
     out.mkdir(parents=True, exist_ok=True)
     hashes = StatIndex.outside(out)  # what was verified: not read again while unchanged
-    todo = [j for j in jobs if not _committed(out, j, hashes)]
+    stored = objects.uploaded(out)  # (read once, not once per shard)
+    todo = [j for j in jobs if not _committed(out, j, hashes, stored)]
     total = sum(j["samples"] for j in todo)
     failed: list[str] = []
     started = time.perf_counter()
@@ -215,7 +216,7 @@ def _job(shard: dict, model_key: dict) -> dict:
     return {**shard, "key": key, "file": f"{Path(shard['name']).stem}.{key[:16]}.tar"}
 
 
-def _committed(out: Path, job: dict, hashes: StatIndex) -> bool:
+def _committed(out: Path, job: dict, hashes: StatIndex, stored: dict[str, str]) -> bool:
     """The shard exists, with a receipt for this key whose sha256 still matches (read
     only when the shard's stat changed since it was last hashed)."""
     try:
@@ -223,7 +224,7 @@ def _committed(out: Path, job: dict, hashes: StatIndex) -> bool:
         if receipt["key"] != job["key"]:
             return False
         if not (out / job["file"]).exists():  # uploaded to the object store, if anywhere
-            return objects.uploaded(out).get(job["file"]) == receipt["sha256"]
+            return stored.get(job["file"]) == receipt["sha256"]
         return hashes.sha256(out / job["file"]) == receipt["sha256"]
     except (OSError, ValueError, KeyError):
         return False

@@ -60,7 +60,7 @@ def shard_root(folder: Path) -> Path:
     if "objects" in doc:
         from components.common import objects
 
-        return objects.view(doc["objects"], _listed(Path(folder)))
+        return objects.view(doc["objects"], listed_shards(Path(folder)))
     store = Path(doc["store"])
     if not store.is_dir():
         raise T2IError(
@@ -77,7 +77,7 @@ def shard_files(folder: Path, names: list[str]) -> dict[str, Path]:
     if ref.is_file() and "objects" in (doc := json.loads(ref.read_text())):
         from components.common import objects
 
-        shas = dict(_listed(Path(folder)))
+        shas = dict(listed_shards(Path(folder)))
         missing = [n for n in names if n not in shas]
         if missing:
             raise T2IError(f"{folder}: its manifest names no shard {missing[0]}")
@@ -91,7 +91,7 @@ def shard_file(folder: Path, name: str) -> Path:
     return shard_files(folder, [name])[name]
 
 
-def _listed(folder: Path) -> list[tuple[str, str]]:
+def listed_shards(folder: Path) -> list[tuple[str, str]]:
     """(name, sha256) of each shard the manifest in `folder` names."""
     doc = json.loads((folder / "manifest.json").read_text())
     return [(s["name"], s["sha256"]) for s in doc.get("shards", [])]
