@@ -128,6 +128,7 @@ def test_sd3_trains_evaluates_publishes_and_loads(sd3, tmp_path):
                 tmp_path / "e", tmp_path / "p")  # fmt: skip
     card = (tmp_path / "r" / "sd3" / "1" / "README.md").read_text()
     assert "- sd3" in card and "StableDiffusion3Pipeline.from_pretrained" in card
+    assert not (tmp_path / "r" / "sd3" / "1" / "sd3.safetensors").exists()  # tiny: refused
     assert json.loads((tmp_path / "m" / "training_record.json").read_text())["family"] == "sd3"
 
 
@@ -221,6 +222,16 @@ def test_flux_lora_sigkill_then_resume_is_bit_exact(flux, sd3, tmp_path):
                 tmp_path / "e", tmp_path / "p")  # fmt: skip
     card = (tmp_path / "r" / "flux-lora" / "1" / "README.md").read_text()
     assert "- flux" in card and "FluxPipeline.from_pretrained" in card and "- lora" in card
+    # Its kohya file names FLUX's original modules, as ComfyUI matches them.
+    from components.publish.transformer_file import to_original
+
+    kohya = load_file(tmp_path / "r" / "flux-lora" / "1" / "flux-lora.kohya.safetensors")
+    base = load_file(flux / "base" / "transformer" / "diffusion_pytorch_model.safetensors")
+    names = {"lora_unet_" + k.removesuffix(".weight").replace(".", "_")
+             for k in to_original(base, "flux")}  # fmt: skip
+    assert {k.split(".")[0] for k in kohya} <= names
+    assert "lora_unet_single_blocks_0_linear1.lora_down.weight" in kohya
+    assert "models/loras/" in card and "kohya" in card
 
 
 def test_a_full_flux_fine_tune_loads_and_generates(flux, sd3, tmp_path):

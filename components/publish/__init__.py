@@ -172,13 +172,8 @@ def exports(
     from components.common.families import BY_NAME
 
     family = BY_NAME[getattr(train, "family", "sd")]
-    if family.denoiser != "unet":  # SD3: ComfyUI's transformer layout is not written yet
-        if skipped is not None:
-            skipped.append(
-                f"single-file and kohya exports skipped: not built for {family.label} yet "
-                "(the diffusers folder and its LoRA file load with diffusers)"
-            )
-        return found
+    if family.denoiser != "unet":
+        return _transformer_exports(cfg, model, train, folder, family, skipped)
     if train.adapter is not None:
         name = f"{cfg.name}.kohya.safetensors"
         path = single_file.export_kohya_lora(
@@ -198,6 +193,37 @@ def exports(
             dtype = "fp16" if cfg.single_file_half else "as trained"
             layout = "SGM" if family_of(model).micro_conditioning else "LDM"
             found[name] = (path, _entry(path, f"single-file checkpoint ({layout} layout, {dtype})"))
+    return found
+
+
+def _transformer_exports(cfg, model, train, folder, family, skipped):
+    """SD3's and FLUX's: the LoRA with kohya keys on the original modules, and the
+    transformer (SD3: with the VAE) in the original layout, where the loaders can read
+    its sizes."""
+    from components.publish import transformer_file
+
+    found: dict[str, tuple[Path, dict]] = {}
+    if train.adapter is not None:
+        name = f"{cfg.name}.kohya.safetensors"
+        path = transformer_file.export_kohya_lora(
+            model / ADAPTER_WEIGHTS, folder / name, family.name, train.adapter.alpha
+        )
+        kind = f"kohya LoRA ({family.label} original modules: lora_unet_*, fused qkv, alpha)"
+        found[name] = (path, _entry(path, kind))
+    if (model / "transformer" / "config.json").is_file():
+        name = f"{cfg.name}.safetensors"
+        try:
+            path = transformer_file.export_checkpoint(
+                model, folder / name, family.name, half=cfg.single_file_half
+            )
+        except transformer_file.Unsupported as e:
+            if skipped is not None:
+                skipped.append(str(e))
+        else:
+            dtype = "fp16" if cfg.single_file_half else "as trained"
+            what = "MMDiT + VAE" if family.name == "sd3" else "transformer only"
+            kind = f"single-file checkpoint ({family.label} original layout, {what}, {dtype})"
+            found[name] = (path, _entry(path, kind))
     return found
 
 

@@ -246,6 +246,9 @@ def _export_lines(exports: dict[str, dict], train: TrainRecord) -> list[str]:
     """How to use the single files, for ComfyUI and AUTOMATIC1111 users."""
     if not exports:
         return []
+    family = _family(train)
+    if family.denoiser != "unet":
+        return _transformer_export_lines(exports, train, family)
     lines = ["## ComfyUI and AUTOMATIC1111", ""]
     for name, entry in exports.items():
         if "kohya" in entry["format"]:
@@ -268,9 +271,47 @@ def _export_lines(exports: dict[str, dict], train: TrainRecord) -> list[str]:
             "beside it with `parameterization: v`; ComfyUI: a ModelSamplingDiscrete node "
             "set to v_prediction)."
         )
+    return [*lines, _sums(exports), ""]
+
+
+def _transformer_export_lines(exports: dict[str, dict], train: TrainRecord, family) -> list[str]:
+    """SD3's and FLUX's files: ComfyUI (and Forge) load them; AUTOMATIC1111 does not."""
+    encoders = "`clip_l`, `clip_g` and `t5xxl`" if family.name == "sd3" else "`clip_l` and `t5xxl`"
+    loader = "TripleCLIPLoader" if family.name == "sd3" else "DualCLIPLoader"
+    lines = ["## ComfyUI", ""]
+    for name, entry in exports.items():
+        if "kohya" in entry["format"]:
+            reader = (
+                "`pipe.load_lora_weights(path)` reads it in diffusers"
+                if family.name == "flux"
+                else "in diffusers, load this folder's `pytorch_lora_weights.safetensors`"
+            )
+            lines.append(
+                f"- `{name}`: the LoRA in kohya's format on {family.label}'s original modules "
+                f"(alpha {train.adapter.alpha:g}, rank {train.adapter.rank}): put it in "
+                f"`models/loras/` (ComfyUI, Forge); {reader}."
+            )
+        elif family.name == "sd3":
+            lines.append(
+                f"- `{name}`: the MMDiT and the VAE in one file ({entry['format']}): put it "
+                f"in `models/checkpoints/` and load the base's {encoders} with a {loader} "
+                f"node; in diffusers, `{family.pipeline_class}.from_single_file(path, "
+                "config=<this folder>)`."
+            )
+        else:
+            lines.append(
+                f"- `{name}`: the transformer in one file ({entry['format']}): put it in "
+                "`models/diffusion_models/` (a Load Diffusion Model node), with the base's "
+                f"`ae.safetensors` and its {encoders} (a {loader} node); in diffusers, "
+                "`FluxTransformer2DModel.from_single_file(path, config=<this folder>, "
+                'subfolder="transformer")`.'
+            )
+    return [*lines, _sums(exports), ""]
+
+
+def _sums(exports: dict[str, dict]) -> str:
     sums = ", ".join(f"`{n}` {e['sha256'][:16]}" for n, e in exports.items())
-    lines.append(f"- sha256 (in `lineage.json` in full): {sums}")
-    return [*lines, ""]
+    return f"- sha256 (in `lineage.json` in full): {sums}"
 
 
 def _resumed(train: TrainRecord) -> str:

@@ -192,23 +192,25 @@ def unet_to_ldm(state: dict[str, torch.Tensor], cfg: dict) -> dict[str, torch.Te
     return out
 
 
-def vae_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """diffusers AutoencoderKL keys -> LDM `AutoencoderKL` keys (without prefix)."""
+def vae_to_ldm(state: dict[str, torch.Tensor], cfg: dict | None = None) -> dict[str, torch.Tensor]:
+    """diffusers AutoencoderKL keys -> LDM `AutoencoderKL` keys (without prefix); `cfg`
+    the VAE's config (None: SD's four levels of two layers)."""
+    levels = len((cfg or {}).get("block_out_channels", [0] * 4))
+    layers = (cfg or {}).get("layers_per_block", 2)
     renames = [("encoder.conv_norm_out.", "encoder.norm_out."),
                ("decoder.conv_norm_out.", "decoder.norm_out.")]  # fmt: skip
-    for i in range(4):
-        for j in range(2):
+    for i in range(levels):
+        top = levels - 1 - i  # the decoder's up blocks run the other way
+        for j in range(layers):
             renames.append(
                 (f"encoder.down_blocks.{i}.resnets.{j}.", f"encoder.down.{i}.block.{j}.")
             )
         renames.append(
             (f"encoder.down_blocks.{i}.downsamplers.0.", f"encoder.down.{i}.downsample.")
         )
-        for j in range(3):
-            renames.append(
-                (f"decoder.up_blocks.{i}.resnets.{j}.", f"decoder.up.{3 - i}.block.{j}.")
-            )
-        renames.append((f"decoder.up_blocks.{i}.upsamplers.0.", f"decoder.up.{3 - i}.upsample."))
+        for j in range(layers + 1):
+            renames.append((f"decoder.up_blocks.{i}.resnets.{j}.", f"decoder.up.{top}.block.{j}."))
+        renames.append((f"decoder.up_blocks.{i}.upsamplers.0.", f"decoder.up.{top}.upsample."))
     for part in ("encoder", "decoder"):
         for j in range(2):
             renames.append((f"{part}.mid_block.resnets.{j}.", f"{part}.mid.block_{j + 1}."))
