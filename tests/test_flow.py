@@ -120,6 +120,10 @@ def test_sd3_trains_evaluates_publishes_and_loads(sd3, tmp_path):
     report = evaluate.run(SD3_EVAL, tmp_path / "m", sd3 / "base", sd3 / "latents",
                           tmp_path / "e", shards=sd3 / "shards")  # fmt: skip
     assert report.base_val_loss > 0 and report.base_val_loss != report.tuned_val_loss
+    assert (
+        "FlowMatchEulerDiscreteScheduler (the family"
+        in (tmp_path / "e" / "report.html").read_text()
+    )
     pipe = StableDiffusion3Pipeline.from_pretrained(tmp_path / "m")
     image = pipe("a red circle", num_inference_steps=2, height=32, width=32,
                  generator=torch.Generator().manual_seed(0)).images[0]  # fmt: skip

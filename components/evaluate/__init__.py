@@ -139,10 +139,7 @@ def run(
             ("steps", str(train.steps)),
             ("held-out latents", str(len(val))),
             ("held-out images", str(len(held_jobs))),
-            (
-                "sampling",
-                f"{cfg.scheduler}, {cfg.num_inference_steps} steps, guidance {cfg.guidance_scale}",
-            ),
+            ("sampling", _sampling(pipes["tuned"], cfg)),
             ("held-out loss", loss_basis(pipes, target)),
             ("CLIP", cfg.clip_model),
             ("features", cfg.fd_model),
@@ -299,6 +296,18 @@ def _save_samples(images: dict[str, list[Image.Image]], jobs, out: Path) -> list
                 model_images[n].save(tmp, "PNG")
         samples.append(EvalSample(prompt=prompt, seed=seed, images=files))
     return samples
+
+
+def _sampling(pipe, cfg: EvaluateConfig) -> str:
+    """The sampler the images came from: `evaluate.scheduler` for the UNet families, a
+    flow family's own flow-matching Euler sampler otherwise."""
+    if _family(pipe).objective == "flow":
+        name = (
+            f"{type(pipe.scheduler).__name__} (the family's own; evaluate.scheduler is for SD/SDXL)"
+        )
+    else:
+        name = cfg.scheduler
+    return f"{name}, {cfg.num_inference_steps} steps, guidance {cfg.guidance_scale}"
 
 
 def training_scheduler_of(pipe):
