@@ -319,3 +319,29 @@ def test_a_non_commercial_base_license_binds_the_card_and_is_not_overridden_sile
     publish.run(override, tmp_path / "m", tmp_path / "e", tmp_path / "p2")
     card = (tmp_path / "r" / "dev2" / "1" / "README.md").read_text()
     assert "license: mit" in card and "non-commercial use only" not in card
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_on_a_flux_lora_equal_one_with_twice_the_batch(flux, tmp_path):
+    """DDP on FLUX (packed latents, cached text, the guidance embedding, LoRA): the
+    per-rank σ draws and the gradient average give the single process's losses."""
+    from components.cli import main
+
+    common = {"max_train_steps": 2, "data_streams": 2, "shuffle_buffer": 8, "lora_rank": 4,
+              "lora_alpha": 8.0, "proportion_empty_prompts": 0.0, "lr_scheduler": "constant",
+              "checkpointing_steps": 3, "weighting_scheme": "logit_normal"}  # fmt: skip
+    one = TRAIN.model_copy(update={**common, "train_batch_size": 4})
+    train_unet.run(one, flux / "latents", flux / "base", tmp_path / "one", tmp_path / "r1",
+                   tmp_path / "c1")  # fmt: skip
+    argv = ["train", "--num-processes", "2", "--latents", str(flux / "latents"), "--model",
+            str(flux / "base"), "--out", str(tmp_path / "two"), "--reports", str(tmp_path / "r2"),
+            "--checkpoints", str(tmp_path / "c2"), "--set", "evaluate.heldout_captions=4"]  # fmt: skip
+    sets = {**common, "train_batch_size": 2, "learning_rate": 0.001, "report_to": "none"}
+    for k, v in sets.items():
+        argv += ["--set", f"train.{k}={v}"]
+    assert main(argv) == 0
+    losses = [
+        [float(line.split(",")[1]) for line in (tmp_path / r / "loss.csv").read_text().split()[1:]]
+        for r in ("r1", "r2")
+    ]
+    assert len(losses[0]) == 2 and losses[0] == pytest.approx(losses[1], rel=1e-5)

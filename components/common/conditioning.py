@@ -171,12 +171,21 @@ def _flux(model, noisy, timesteps, hidden, pooled, guidance: float):
     img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, noisy.dtype)
     txt_ids = torch.zeros(hidden.shape[1], 3, device=noisy.device, dtype=noisy.dtype)
     scale = None
-    if model.config.guidance_embeds:
+    if _unwrapped(model).config.guidance_embeds:
         scale = torch.full((b,), guidance, device=noisy.device, dtype=torch.float32)
     out = model(hidden_states=packed, timestep=timesteps / 1000, guidance=scale,
                 pooled_projections=pooled, encoder_hidden_states=hidden, txt_ids=txt_ids,
                 img_ids=img_ids, return_dict=False)[0]  # fmt: skip
     return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+def _unwrapped(model):
+    """The diffusers model inside DDP's (`module`) or torch.compile's (`_orig_mod`) wrapper."""
+    while (
+        inner := getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+    ) is not None:
+        model = inner
+    return model
 
 
 def time_ids(
