@@ -238,16 +238,32 @@ def test_flux_lora_sigkill_then_resume_is_bit_exact(flux, sd3, tmp_path):
     assert "models/loras/" in card and "kohya" in card
 
 
-def test_a_full_flux_fine_tune_loads_and_generates(flux, sd3, tmp_path):
+def test_a_full_flux_fine_tune_on_buckets_loads_and_generates(flux, sd3, tmp_path):
+    """Many aspect ratios (packed 2x2 whatever the bucket), gradient checkpointing, EMA."""
     from diffusers import FluxPipeline
+    from PIL import Image
 
-    cfg = TRAIN.model_copy(update={"guidance_scale": 3.5, "weighting_scheme": "logit_normal"})
-    train_unet.run(cfg, flux / "latents", flux / "base", tmp_path / "m", tmp_path / "t",
+    make_sample(tmp_path / "src", 30)
+    for i, path in enumerate(sorted((tmp_path / "src").glob("*.png"))):
+        Image.open(path).convert("RGB").resize([(64, 64), (96, 48), (48, 96)][i % 3]).save(path)
+    pack_shards.run(DataConfig(), PackConfig(val_fraction=0.2, shard_max_samples=8),
+                    tmp_path / "src", tmp_path / "shards")  # fmt: skip
+    cache = CACHE.model_copy(update={"buckets": True, "center_crop": False})
+    cache_latents.run(cache, tmp_path / "shards", flux / "base", tmp_path / "latents")
+    from components.common.records import read_latent_manifest
+
+    used = {s for shard in read_latent_manifest(tmp_path / "latents").shards
+            for s in shard.sample_buckets}  # fmt: skip
+    assert len(used) == 3  # 64x64, 96x48 and 48x96: three aspect ratios
+    cfg = TRAIN.model_copy(update={"guidance_scale": 3.5, "weighting_scheme": "logit_normal",
+                                   "gradient_checkpointing": True, "use_ema": True})  # fmt: skip
+    train_unet.run(cfg, tmp_path / "latents", flux / "base", tmp_path / "m", tmp_path / "t",
                    tmp_path / "c")  # fmt: skip
+    assert len((tmp_path / "t" / "loss.csv").read_text().split()) == 1 + 4
     pipe = FluxPipeline.from_pretrained(tmp_path / "m")
-    image = pipe("a red circle", num_inference_steps=2, height=32, width=32, guidance_scale=3.5,
+    image = pipe("a red circle", num_inference_steps=2, height=32, width=64, guidance_scale=3.5,
                  generator=torch.Generator().manual_seed(0)).images[0]  # fmt: skip
-    assert image.size == (32, 32)
+    assert image.size == (64, 32)
 
 
 def test_flux_cached_text_states_and_packing(flux, sd3, tmp_path):
