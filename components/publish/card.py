@@ -288,7 +288,8 @@ def _transformer_export_lines(exports: dict[str, dict], train: TrainRecord, fami
             )
             lines.append(
                 f"- `{name}`: the LoRA in kohya's format on {family.label}'s original modules "
-                f"(alpha {train.adapter.alpha:g}, rank {train.adapter.rank}): put it in "
+                f"(alpha {train.adapter.alpha:g}, rank {train.adapter.rank}; both times the "
+                "parts on a fused weight such as `qkv`): put it in "
                 f"`models/loras/` (ComfyUI, Forge); {reader}."
             )
         elif family.name == "sd3":
