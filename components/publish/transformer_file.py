@@ -254,7 +254,13 @@ def lora_to_kohya(
         fused = ordered[0][0]
         unit = ordered[0][1]["up"].shape[0] // ordered[0][0].ratio  # a q/k/v's rows
         rows = [unit * _ratio_of(fused, i, parts) for i in range(fused.parts)]
-        rank = sum(p["down"].shape[0] for _, p in ordered)
+        ranks = {p["down"].shape[0] for _, p in ordered}
+        if len(ranks) > 1:  # alpha times the parts keeps alpha / rank only at one rank
+            raise T2IError(
+                f"{target}: its parts' LoRAs have ranks {sorted(ranks)}; kohya's fused "
+                "weight needs one rank (publish.single_file: false skips the export)"
+            )
+        rank = ranks.pop() * len(ordered)
         up = ordered[0][1]["up"].new_zeros(sum(rows), rank)
         column = 0
         for i, (slot, pair) in zip(sorted(parts), ordered, strict=True):
