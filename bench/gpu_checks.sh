@@ -2,7 +2,7 @@
 # Every GPU check and benchmark, in one call on a lent device machine (see
 # docs/PERFORMANCE.md). Needs the wheels the image lacks in .whl/ (diffusers, pydantic, peft):
 # carried by the device tool. Results land in $OUT (or ./bench-out).
-#   bash bench/gpu_checks.sh [e2e] [cache] [train] [switches]   (default: the first three)
+#   bash bench/gpu_checks.sh [e2e] [cache] [train] [switches] [flow]   (default: the first three)
 set -u
 OUT=${OUT:-bench-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
@@ -78,5 +78,14 @@ if [[ $SECTIONS == *" train "* ]]; then
     bench 150 --model sd15 --resolution 512 --batch 16 --steps 8 --warmup 3 \
       --variants compile --json "$OUT/sd15_compile.jsonl"
   fi
+fi
+if [[ $SECTIONS == *" flow "* ]]; then
+  # Flow matching at 1024 px in bf16 (issue 26): an SD3.5-medium-sized MMDiT trained in
+  # full and a FLUX.1-sized rank-16 LoRA, ours (cached latents and text states) vs the
+  # diffusers scripts' step (VAE + T5-XXL + CLIPs every step), img/s and peak memory.
+  fbench() { timeout "$1" python3 bench/flow_step.py --device cuda --dtype bf16 \
+    --resolution 1024 --steps 4 --warmup 2 --grad-ckpt "${@:2}"; }
+  fbench 240 --model sd35m --batch 1 4 --json "$OUT/flow_sd35m_full.jsonl"
+  fbench 300 --model flux --batch 1 2 --lora-rank 16 --json "$OUT/flow_flux_lora16.jsonl"
 fi
 echo done
