@@ -181,11 +181,13 @@ def _flux(model, noisy, timesteps, hidden, pooled, guidance: float):
 
 def _unwrapped(model):
     """The diffusers model inside DDP's (`module`) or torch.compile's (`_orig_mod`) wrapper."""
-    while (
-        inner := getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-    ) is not None:
+    while True:
+        inner = getattr(model, "module", None)
+        if inner is None:
+            inner = getattr(model, "_orig_mod", None)
+        if inner is None:
+            return model
         model = inner
-    return model
 
 
 def time_ids(
