@@ -338,20 +338,25 @@ def test_a_non_commercial_base_license_binds_the_card_and_is_not_overridden_sile
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_on_a_flux_lora_equal_one_with_twice_the_batch(flux, tmp_path):
-    """DDP on FLUX (packed latents, cached text, the guidance embedding, LoRA): the
-    per-rank σ draws and the gradient average give the single process's losses."""
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_two_gloo_processes_equal_one_with_twice_the_batch(family, request, tmp_path):
+    """DDP on FLUX with a LoRA (packed latents, cached text, the guidance embedding) and
+    on SD3 in full (preconditioned outputs): the per-rank σ draws and the gradient
+    average give the single process's losses."""
     from components.cli import main
 
-    common = {"max_train_steps": 2, "data_streams": 2, "shuffle_buffer": 8, "lora_rank": 4,
-              "lora_alpha": 8.0, "proportion_empty_prompts": 0.0, "lr_scheduler": "constant",
+    root = request.getfixturevalue(family)  # its base and latents
+    adapter = {"lora_rank": 4, "lora_alpha": 8.0} if family == "flux" else {}
+    common = {"max_train_steps": 2, "data_streams": 2, "shuffle_buffer": 8, **adapter,
+              "proportion_empty_prompts": 0.0, "lr_scheduler": "constant",
               "checkpointing_steps": 3, "weighting_scheme": "logit_normal"}  # fmt: skip
     one = TRAIN.model_copy(update={**common, "train_batch_size": 4})
-    train_unet.run(one, flux / "latents", flux / "base", tmp_path / "one", tmp_path / "r1",
+    train_unet.run(one, root / "latents", root / "base", tmp_path / "one", tmp_path / "r1",
                    tmp_path / "c1")  # fmt: skip
-    argv = ["train", "--num-processes", "2", "--latents", str(flux / "latents"), "--model",
-            str(flux / "base"), "--out", str(tmp_path / "two"), "--reports", str(tmp_path / "r2"),
-            "--checkpoints", str(tmp_path / "c2"), "--set", "evaluate.heldout_captions=4"]  # fmt: skip
+    argv = ["train", "--num-processes", "2", "--latents", str(root / "latents"), "--model",
+            str(root / "base"), "--out", str(tmp_path / "two"), "--reports",
+            str(tmp_path / "r2"), "--checkpoints", str(tmp_path / "c2"), "--set",
+            "evaluate.heldout_captions=4"]  # fmt: skip
     sets = {**common, "train_batch_size": 2, "learning_rate": 0.001, "report_to": "none"}
     for k, v in sets.items():
         argv += ["--set", f"train.{k}={v}"]
