@@ -23,10 +23,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import resource
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -35,10 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from components.common.conditioning import TextEncoders, predict  # noqa: E402
 from components.common.config import TrainConfig  # noqa: E402
 from components.common.families import FLUX, SD3  # noqa: E402
-from components.common.flow import FlowObjective  # noqa: E402
+from components.common.flow import FlowObjective, Schedule  # noqa: E402
 from components.train_unet import StepDraws, training_loss  # noqa: E402
 from components.train_unet.lora import add_adapter, trainable  # noqa: E402
 from components.train_unet.setup import make_optimizer  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_step import measure  # noqa: E402
 
 T5_XXL = dict(d_model=4096, d_ff=10240, num_layers=24, num_heads=64, d_kv=64,
               feed_forward_proj="gated-gelu", vocab_size=32128)  # fmt: skip
@@ -202,6 +202,7 @@ def time_variant(args, family, transformer, sched, vae_factor, variant, batch, p
         opt = make_optimizer(TrainConfig(learning_rate=1e-5), params, 1e-5, device)
         cached = cached_batch(family, transformer, batch, lat, device)
         text = TextEncoders(family, [], None)  # the cached states: no encoder loaded
+        schedule = Schedule.of(sched, device)  # as `t2i train` indexes it
 
     def one_step(i):
         with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
@@ -209,7 +210,7 @@ def time_variant(args, family, transformer, sched, vae_factor, variant, batch, p
                 loss = upstream_loss(family, transformer, sched, vae, text, pixels, ids, flow, i,
                                      device)  # fmt: skip
             else:
-                loss = training_loss(transformer, text, sched, cached,
+                loss = training_loss(transformer, text, schedule, cached,
                                      StepDraws(0, i, slice(0, batch), device),
                                      scaling_factor=1.5305, shift_factor=0.0609,
                                      global_batch=batch, device=device, flow=flow)  # fmt: skip
@@ -217,19 +218,7 @@ def time_variant(args, family, transformer, sched, vae_factor, variant, batch, p
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    for i in range(args.warmup):
-        one_step(i)
-    sync()
-    times = []
-    for i in range(args.steps):
-        start = time.perf_counter()
-        one_step(args.warmup + i)
-        sync()
-        times.append(time.perf_counter() - start)
-    step_s = statistics.median(times)
+    step_s, memory = measure(one_step, args.warmup, args.steps, device)
     row = {
         "model": args.model, "variant": variant, "batch": batch, "resolution": args.resolution,
         "dtype": args.dtype, "lora_rank": args.lora_rank, "grad_ckpt": args.grad_ckpt,
@@ -237,11 +226,7 @@ def time_variant(args, family, transformer, sched, vae_factor, variant, batch, p
         "step_s": round(step_s, 4), "img_s": round(batch / step_s, 3),
         "trainable_params": sum(p.numel() for p in params),
     }  # fmt: skip
-    if device == "cuda":
-        row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    else:
-        row["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
-    return row
+    return {**row, **memory}
 
 
 def main() -> None:

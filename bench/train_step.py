@@ -184,19 +184,7 @@ def time_variant(args, models, variant: str, batch: int) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    for i in range(args.warmup):
-        one_step(i)
-    sync()
-    times = []
-    for i in range(args.steps):
-        start = time.perf_counter()
-        one_step(args.warmup + i)
-        sync()
-        times.append(time.perf_counter() - start)
-    step_s = statistics.median(times)
+    step_s, memory = measure(one_step, args.warmup, args.steps, device)
     row = {
         "model": args.model,
         "variant": variant,
@@ -211,15 +199,36 @@ def time_variant(args, models, variant: str, batch: int) -> dict:
         # fp32 weights + gradients + AdamW's two moments of what trains
         "train_state_mib": round(sum(p.numel() for p in params) * 16 / 2**20, 1),
     }
-    if device == "cuda":
-        row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        if args.model == "sd15" and lat == 64:
-            peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in row["device"]), None)
-            if peak:
-                row["mfu"] = round(row["img_s"] * SD15_TFLOP_PER_SAMPLE / peak, 3)
-    else:
-        row["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    row.update(memory)
+    if device == "cuda" and args.model == "sd15" and lat == 64:
+        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in row["device"]), None)
+        if peak:
+            row["mfu"] = round(row["img_s"] * SD15_TFLOP_PER_SAMPLE / peak, 3)
     return row
+
+
+def measure(one_step, warmup: int, steps: int, device: str) -> tuple[float, dict]:
+    """The median seconds of `steps` calls of `one_step(i)` after `warmup` of them, and
+    the peak memory (CUDA: allocated since the first; CPU: the process's RSS)."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(warmup):
+        one_step(i)
+    sync()
+    times = []
+    for i in range(steps):
+        start = time.perf_counter()
+        one_step(warmup + i)
+        sync()
+        times.append(time.perf_counter() - start)
+    if device == "cuda":
+        memory = {"peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+    else:
+        memory = {
+            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+        }
+    return statistics.median(times), memory
 
 
 def lora_unet(unet, rank: int, dtype):
