@@ -226,6 +226,7 @@ def test_flux_lora_sigkill_then_resume_is_bit_exact(flux, sd3, tmp_path):
                 tmp_path / "e", tmp_path / "p")  # fmt: skip
     card = (tmp_path / "r" / "flux-lora" / "1" / "README.md").read_text()
     assert "- flux" in card and "FluxPipeline.from_pretrained" in card and "- lora" in card
+    assert "offline tiny FLUX.1 model (t2i-pipeline's `tiny-flux`)" in card
     # Its kohya file names FLUX's original modules, as ComfyUI matches them.
     from components.publish.transformer_file import to_original
 

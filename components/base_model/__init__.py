@@ -1,7 +1,7 @@
 """base-model: the frozen starting point, as a diffusers Stable Diffusion folder.
 
-`model.source: tiny` builds a tiny SD pipeline offline from `model.seed` (`tiny-sdxl`:
-a tiny SDXL); a local
+`model.source: tiny` builds a tiny SD pipeline offline from `model.seed` (`tiny-sdxl`,
+`tiny-sd3`, `tiny-flux`: a tiny SDXL, SD3, FLUX.1); a local
 folder is copied; a hub id is taken from the Hugging Face cache or downloaded at `model.revision`
 (offline: the cache only; not cached, a config error).
 """
@@ -18,10 +18,10 @@ from components.common.families import family_of
 from components.common.io import atomic_dir
 from components.common.models import check_model_dir, denoiser_part, hub_offline, weights_sha256
 from components.common.records import BASE_MODEL_RECORD, BaseModelRecord, write_record
+from components.common.tiny import TINY_SOURCES
 
 # Files worth downloading from a hub repo: configs, safetensors weights, tokenizer, and
 # the card (README.md: its license is the fine-tune's default).
-TINY = ("tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux")  # built offline from model.seed
 _HUB_PATTERNS = ["*.json", "*.txt", "*.safetensors", "tokenizer/*", "README.md"]
 
 
@@ -42,30 +42,8 @@ def run(cfg: ModelConfig, out: Path) -> BaseModelReport:
     out = Path(out)
     revision, hub_id = cfg.revision, None
     with atomic_dir(out) as tmp:
-        if cfg.source == "tiny":
-            from components.base_model.tiny import build_tiny_pipeline
-
-            build_tiny_pipeline(
-                cfg.seed, cfg.tiny_vae_steps, cfg.tiny_prediction_type
-            ).save_pretrained(tmp, safe_serialization=True)
-        elif cfg.source == "tiny-flux":
-            from components.base_model.tiny import build_tiny_flux
-
-            build_tiny_flux(cfg.seed, cfg.tiny_vae_steps).save_pretrained(
-                tmp, safe_serialization=True
-            )
-        elif cfg.source == "tiny-sd3":
-            from components.base_model.tiny import build_tiny_sd3
-
-            build_tiny_sd3(cfg.seed, cfg.tiny_vae_steps).save_pretrained(
-                tmp, safe_serialization=True
-            )
-        elif cfg.source == "tiny-sdxl":
-            from components.base_model.tiny import build_tiny_sdxl
-
-            build_tiny_sdxl(cfg.seed, cfg.tiny_vae_steps, cfg.tiny_prediction_type).save_pretrained(
-                tmp, safe_serialization=True
-            )
+        if cfg.source in TINY_SOURCES:
+            _build_tiny(cfg).save_pretrained(tmp, safe_serialization=True)
         elif Path(cfg.source).exists():
             shutil.copytree(check_model_dir(Path(cfg.source)), tmp, dirs_exist_ok=True)
         else:
@@ -80,10 +58,24 @@ def run(cfg: ModelConfig, out: Path) -> BaseModelReport:
             license=card_license(tmp),
             license_name=card_license(tmp, "license_name"),
             license_link=card_license(tmp, "license_link"),
-            seed=cfg.seed if cfg.source in TINY else None,
+            seed=cfg.seed if cfg.source in TINY_SOURCES else None,
         )
         write_record(record, tmp / BASE_MODEL_RECORD)
     return BaseModelReport(cfg.source, revision, record.unet_sha256, str(out))
+
+
+def _build_tiny(cfg: ModelConfig):
+    """The tiny pipeline `model.source` names, built from `model.seed`."""
+    from components.base_model import tiny
+
+    steps = cfg.tiny_vae_steps
+    if cfg.source == "tiny-sdxl":
+        return tiny.build_tiny_sdxl(cfg.seed, steps, cfg.tiny_prediction_type)
+    if cfg.source == "tiny-sd3":
+        return tiny.build_tiny_sd3(cfg.seed, steps)
+    if cfg.source == "tiny-flux":
+        return tiny.build_tiny_flux(cfg.seed, steps)
+    return tiny.build_tiny_pipeline(cfg.seed, steps, cfg.tiny_prediction_type)
 
 
 def card_license(model: Path, key: str = "license") -> str | None:

@@ -109,10 +109,10 @@ def encode_part(
 ) -> CacheReport:
     """Encode this worker's shards (skipping committed ones) and write its part file."""
     packed = read_pack_manifest(shards)
-    cfg = resolve(cfg, model)
     # Buckets stay within the aspect ratios pack let through.
     max_aspect = float(packed.pack_config.get("max_aspect_ratio", 4.0))
     encoder = LatentEncoder(model, cfg, device, max_aspect)
+    cfg = encoder.cfg  # the family defaults settled (`resolve`), as the manifest records them
     jobs = [_job(shard.model_dump(), encoder.model_key) for shard in packed.shards][index::count]
     out.mkdir(parents=True, exist_ok=True)
     hashes = StatIndex.outside(out)  # what was verified: not read again while unchanged

@@ -275,14 +275,11 @@ def bucket_sizes(resolution: int, step: int, max_aspect: float) -> list[tuple[in
 def downscale_factor(model: Path, vae_config) -> int:
     """How much smaller than the image the UNet's deepest feature map is: the VAE's
     downscaling times the UNet's (SD 1.x/2.x: 8 x 8 = 64; the tiny demo: 4 x 2 = 8)."""
-    from components.common.models import denoiser_part
-
-    part = denoiser_part(model)
-    denoiser = json.loads((Path(model) / part / "config.json").read_text())
+    family = family_of(model)
+    denoiser = json.loads((Path(model) / family.denoiser / "config.json").read_text())
     factor = 2 ** (len(vae_config.block_out_channels) - 1)
-    if part == "transformer":  # its patches; FLUX packs 2x2 of them
-        packed = 2 if "guidance_embeds" in denoiser else 1
-        return factor * denoiser.get("patch_size", 1) * packed
+    if family.denoiser == "transformer":  # its patches; FLUX packs 2x2 of them
+        return factor * denoiser.get("patch_size", 1) * (2 if family.packed else 1)
     return factor * 2 ** (len(denoiser["block_out_channels"]) - 1)
 
 

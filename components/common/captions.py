@@ -14,11 +14,12 @@ import zlib
 import numpy as np
 import torch
 
-# Per caption, what a cached sample holds, and how many dimensions one caption has.
-# (SDXL, SD3: also the other tokenizers' ids and the pooled embedding; families.py.)
-CAPTION_TENSORS = {
-    "input_ids": 1, "input_ids_2": 1, "input_ids_3": 1, "encoder_hidden_states": 2, "text_embeds": 1
-}  # fmt: skip
+from components.common.families import FAMILIES
+
+# Per caption, what a cached sample holds, and how many dimensions one caption has:
+# what any family caches (`Family.caption_tensors`: its tokenizers' ids, the states, the
+# pooled embedding).
+CAPTION_TENSORS = {k: v for f in FAMILIES.values() for k, v in f.caption_tensors.items()}
 
 
 def split_captions(text: str) -> list[str]:

@@ -39,9 +39,9 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    # "tiny" / "tiny-sdxl" / "tiny-sd3" (built offline: SD / SDXL / SD3 layout), a
-    # Hugging Face hub id, or a local diffusers folder (SD 1.x/2.x, SDXL or SD3: the
-    # family comes from the model).
+    # "tiny" / "tiny-sdxl" / "tiny-sd3" / "tiny-flux" (built offline: SD / SDXL / SD3 /
+    # FLUX.1 layout), a Hugging Face hub id, or a local diffusers folder (SD 1.x/2.x,
+    # SDXL, SD3/3.5 or FLUX.1: the family comes from the model).
     source: str = "tiny"
     revision: str | None = None
     seed: int = 0
@@ -112,7 +112,6 @@ class CacheConfig(Section):
     vae_dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     vae_slicing: bool = False
     vae_tiling: bool = False
-    # Also cache the text encoder's last hidden state (the recipe's encoder_hidden_states).
     # Also cache the text encoders' states (training then runs no text encoder). null:
     # the family's default: off for SD 1.x/2.x and SDXL, on for SD3 and FLUX (T5-XXL).
     text_embeddings: bool | None = None
@@ -177,9 +176,10 @@ class TrainConfig(Section):
     dream_training: bool = False
     dream_detail_preservation: float = Field(1.0, ge=0)
     proportion_empty_prompts: float = Field(0.0, ge=0, le=1)
-    # Flow matching (SD3): the diffusers scripts' flags. weighting_scheme null: the
-    # family's script default (SD3: logit_normal); sigma_sqrt / cosmap weight the loss,
-    # logit_normal / mode the timestep density. precondition_outputs null: SD3's (true).
+    # Flow matching (SD3, FLUX): the diffusers scripts' flags. weighting_scheme null:
+    # the family's script default (SD3: logit_normal; FLUX: none); sigma_sqrt / cosmap
+    # weight the loss, logit_normal / mode the timestep density. precondition_outputs
+    # null: the family's (SD3: true; FLUX: false).
     weighting_scheme: Literal["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"] | None = None
     logit_mean: float = 0.0
     logit_std: float = Field(1.0, gt=0)

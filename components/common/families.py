@@ -133,6 +133,12 @@ FAMILIES = {f.pipeline_class: f for f in (SD, SDXL, SD3, FLUX)}
 BY_NAME = {f.name: f for f in FAMILIES.values()}
 
 
+def known_family(model: Path) -> Family | None:
+    """The family of a folder whose pipeline class this pipeline trains, else None (no
+    error: for callers with an SD default)."""
+    return FAMILIES.get(pipeline_class(model) or "")
+
+
 def pipeline_class(model: Path) -> str | None:
     """The pipeline class a diffusers folder names, or None without model_index.json."""
     index = Path(model) / "model_index.json"

@@ -66,12 +66,30 @@ def timestep_density(
     )
 
 
-def timesteps_and_sigmas(scheduler, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The scheduler's training timesteps and sigmas at int(u·N) (`mode` can reach
-    the ends: the index is kept inside the schedule)."""
-    count = scheduler.config.num_train_timesteps
-    index = (u * count).long().clamp(0, len(scheduler.timesteps) - 1)
-    return scheduler.timesteps[index], scheduler.sigmas[index]
+@dataclass(frozen=True)
+class Schedule:
+    """A flow scheduler's training timesteps and sigmas on one device, copied there once
+    (the scheduler keeps them on the CPU), so a step indexes them where u was drawn."""
+
+    timesteps: torch.Tensor
+    sigmas: torch.Tensor
+    count: int  # num_train_timesteps
+
+    @classmethod
+    def of(cls, scheduler, device) -> Schedule:
+        n = len(scheduler.timesteps)
+        return cls(scheduler.timesteps.to(device), scheduler.sigmas[:n].to(device),
+                   scheduler.config.num_train_timesteps)  # fmt: skip
+
+
+def timesteps_and_sigmas(schedule, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training timesteps and sigmas at int(u·N) of a `Schedule` (or a scheduler,
+    copied to u's device for this call). `mode` can reach the ends: the index is kept
+    inside the schedule."""
+    if not isinstance(schedule, Schedule):
+        schedule = Schedule.of(schedule, u.device)
+    index = (u * schedule.count).long().clamp(0, len(schedule.timesteps) - 1)
+    return schedule.timesteps[index], schedule.sigmas[index]
 
 
 def sigma_timesteps(scheduler, sigma: float, n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -64,9 +64,9 @@ def load_unet(path: Path, **options):
 
 def denoiser_part(path: Path) -> str:
     """The denoiser's subfolder: `unet`, or `transformer` for a transformer family."""
-    from components.common.families import FAMILIES, pipeline_class
+    from components.common.families import known_family
 
-    family = FAMILIES.get(pipeline_class(path) or "")
+    family = known_family(path)
     return family.denoiser if family is not None else "unet"
 
 
@@ -87,9 +87,9 @@ def load_noise_scheduler(path: Path, **options):
     do; a flow-matching family's own (FlowMatchEulerDiscreteScheduler, its shift)."""
     from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-    from components.common.families import FAMILIES, pipeline_class
+    from components.common.families import known_family
 
-    family = FAMILIES.get(pipeline_class(path) or "")
+    family = known_family(path)
     flow = family is not None and family.objective == "flow"
     cls = FlowMatchEulerDiscreteScheduler if flow else DDPMScheduler
     return cls.from_pretrained(check_model_dir(path), subfolder="scheduler", **options)

@@ -338,7 +338,7 @@ class TrainRecord(Versioned):
     pack: PackLineage
     environment: dict[str, Any]
     adapter: AdapterRecord | None = None  # set for a LoRA run (train.lora_rank > 0)
-    family: str = "sd"  # the model family (families.py): sd, sdxl
+    family: str = "sd"  # the model family (families.py): sd, sdxl, sd3, flux
 
 
 def read_train_record(model: Path) -> TrainRecord:

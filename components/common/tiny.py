@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 
 MAX_TOKENS = 77
+# The `model.source` values built offline from `model.seed` (components/base_model/tiny.py).
+TINY_SOURCES = ("tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux")
 _WORDS = (
     "a an the on of in with and background image photo picture "
     "red green blue yellow orange purple pink white black gray grey brown cyan magenta "

@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from components.common.records import EvaluationRecord, TrainRecord
+from components.common.tiny import TINY_SOURCES
 
 TAGS = ["text-to-image", "diffusers", "diffusers-training", "t2i-pipeline"]
 
@@ -117,7 +118,7 @@ def _body(
         base_desc = f"[{base.hub_id}](https://huggingface.co/{base.hub_id})"
         if base.revision:
             base_desc += f" at revision `{base.revision}`"
-    elif base is not None and base.source not in ("tiny", "tiny-sdxl"):
+    elif base is not None and base.source not in TINY_SOURCES:
         base_desc = f"a local model (`{base.source}`)"
     source = train.pack.dataset_name or train.pack.source
     settings = _SETTINGS + (_LORA_SETTINGS if train.adapter else [])

@@ -65,7 +65,7 @@ def export_checkpoint(model: Path, out: Path, half: bool = False) -> Path:
     unet = _weights(model / "unet", "diffusion_pytorch_model")
     tensors.update({UNET_PREFIX + k: v for k, v in unet_to_ldm(unet, unet_cfg).items()})
     vae = _weights(model / "vae", "diffusion_pytorch_model")
-    tensors.update({VAE_PREFIX + k: v for k, v in vae_to_ldm(vae).items()})
+    tensors.update({VAE_PREFIX + k: v for k, v in vae_to_ldm(vae, vae_cfg).items()})
     text = _text_weights(model / "text_encoder")
     if xl:  # SGM: CLIP ViT-L as embedder 0, OpenCLIP bigG (with its projection) as 1
         tensors.update({"conditioner.embedders.0.transformer." + k: v for k, v in text.items()})
@@ -90,7 +90,7 @@ def check_topology(unet: dict, vae: dict, text: dict) -> None:
     up = ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3
     layers, mid = unet.get("layers_per_block"), unet.get("mid_block_type")
     extra = unet.get("addition_embed_type") or unet.get("class_embed_type")
-    vae_ok = len(vae.get("block_out_channels", [])) == 4 and vae.get("layers_per_block") == 2
+    vae_ok = four_by_two(vae)
     text_class = (text.get("architectures") or ["CLIPTextModel"])[0]
     checks = [
         (list(unet.get("down_block_types", [])) == down, "down blocks not SD's 3 attention + 1"),
@@ -116,7 +116,7 @@ def check_sdxl_topology(unet: dict, vae: dict) -> None:
     down = ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
     up = ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]
     layers = unet.get("layers_per_block")
-    vae_ok = len(vae.get("block_out_channels", [])) == 4 and vae.get("layers_per_block") == 2
+    vae_ok = four_by_two(vae)
     checks = [
         (list(unet.get("down_block_types", [])) == down, "down blocks not SDXL's 1 + 2 attention"),
         (list(unet.get("up_block_types", [])) == up, "up blocks not SDXL's 2 attention + 1"),
@@ -192,11 +192,16 @@ def unet_to_ldm(state: dict[str, torch.Tensor], cfg: dict) -> dict[str, torch.Te
     return out
 
 
-def vae_to_ldm(state: dict[str, torch.Tensor], cfg: dict | None = None) -> dict[str, torch.Tensor]:
-    """diffusers AutoencoderKL keys -> LDM `AutoencoderKL` keys (without prefix); `cfg`
-    the VAE's config (None: SD's four levels of two layers)."""
-    levels = len((cfg or {}).get("block_out_channels", [0] * 4))
-    layers = (cfg or {}).get("layers_per_block", 2)
+def four_by_two(vae: dict) -> bool:
+    """The VAE config has the released VAEs' layout (SD, SDXL, SD3: four levels of two
+    layers), the one single-file loaders assume."""
+    return len(vae.get("block_out_channels", [])) == 4 and vae.get("layers_per_block") == 2
+
+
+def vae_to_ldm(state: dict[str, torch.Tensor], cfg: dict) -> dict[str, torch.Tensor]:
+    """diffusers AutoencoderKL keys -> LDM `AutoencoderKL` keys (without prefix), for the
+    VAE config `cfg`'s levels and layers."""
+    levels, layers = len(cfg["block_out_channels"]), cfg["layers_per_block"]
     renames = [("encoder.conv_norm_out.", "encoder.norm_out."),
                ("decoder.conv_norm_out.", "decoder.norm_out.")]  # fmt: skip
     for i in range(levels):

@@ -35,6 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from components.common.errors import T2IError
+from components.publish import single_file
 
 SD3_PREFIX = "model.diffusion_model."  # as sd3.5_medium.safetensors: the MMDiT and the VAE
 VAE_PREFIX = "first_stage_model."
@@ -307,11 +308,7 @@ def check_topology(family: str, cfg: dict, vae: dict | None = None) -> None:
             (head_dim == 64, f"heads of {head_dim}, not 64"),
             (heads == layers, f"{heads} heads in {layers} blocks (SD3: as many as blocks)"),
             (cfg.get("patch_size") == 2, f"patch size {cfg.get('patch_size')}, not 2"),
-            (
-                len((vae or {}).get("block_out_channels", [])) == 4
-                and (vae or {}).get("layers_per_block") == 2,
-                "the VAE is not SD3's 4 levels of 2 layers",
-            ),
+            (single_file.four_by_two(vae or {}), "the VAE is not SD3's 4 levels of 2 layers"),
         ]
         what = "SD3's"
     failed = [why for ok, why in checks if not ok]
@@ -331,8 +328,6 @@ def export_checkpoint(model: Path, out: Path, family: str, half: bool = False) -
     layout), as Stability's `sd3.5_medium.safetensors`; the text encoders are the
     base's files. FLUX: the transformer alone, unprefixed, as BFL's `flux1-dev.safetensors`
     (ComfyUI's "Load Diffusion Model"; the VAE and encoders are the base's)."""
-    from components.publish import single_file
-
     model = Path(model)
     cfg = single_file._config(model / "transformer")
     vae_cfg = single_file._config(model / "vae") if family == "sd3" else None

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from components.common.config import TrainConfig
-from components.common.flow import flow_objective
+from components.common.flow import Schedule, flow_objective
 from components.common.io import atomic_dir, sha256_json
 from components.common.models import denoiser_part, trained_weights_sha256, weights_sha256
 from components.common.progress import progress
@@ -371,6 +371,9 @@ def train_steps(r: Run, step: int, max_steps: int, log: LossLog) -> LossLog:
     rows = r.stream.rows
     bias = timestep_weights(cfg, r.models.noise_scheduler.config.num_train_timesteps)
     flow = flow_objective(cfg, r.models.text.family)
+    scheduler = r.models.noise_scheduler
+    if r.models.text.family.objective == "flow":  # its tables on the device, once
+        scheduler = Schedule.of(scheduler, acc.device)
     bar = progress(max_steps, "train", "step", disable=not acc.is_main_process, initial=step)
     started, images, micro_losses = time.perf_counter(), 0, []
     epoch = r.stream.position(step * cfg.gradient_accumulation_steps)[0]
@@ -385,7 +388,7 @@ def train_steps(r: Run, step: int, max_steps: int, log: LossLog) -> LossLog:
             loss = training_loss(
                 r.unet,
                 r.models.text,
-                r.models.noise_scheduler,
+                scheduler,
                 batch,
                 draws,
                 scaling_factor=r.latents.vae_scaling_factor,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from components.common.conditioning import TextEncoders
+from components.common.conditioning import TextEncoders, predict
 from components.common.families import SD
 from components.common.flow import (
     FlowObjective,
@@ -70,7 +70,8 @@ def training_loss(
 ) -> torch.Tensor:
     """One micro-step's loss (a scalar) for this rank's part of the global batch:
     `draws` gives the step's random tensors for the `global_batch` (sliced to this
-    rank's rows), `scaling_factor` is the VAE's; `text` the frozen text encoders
+    rank's rows), `scaling_factor` is the VAE's (flow families: `noise_scheduler` may
+    be its `flow.Schedule` on the device); `text` the frozen text encoders
     (`conditioning.TextEncoders`, or an SD text encoder); `timestep_weights` the
     SDXL recipe's timestep bias (None: uniform)."""
     family = text.family if isinstance(text, TextEncoders) else SD
@@ -131,14 +132,13 @@ def _flow_loss(unet, text, scheduler, batch, draws, family, scale, shift, global
                flow: FlowObjective) -> torch.Tensor:  # fmt: skip
     """Flow matching (SD3's script): latents (z - shift)·scale from the cached moments,
     σ from the scheme's density, the loss of `flow.py`."""
-    from components.common.conditioning import predict
-
     mean = batch["mean"].to(device, non_blocking=True)
     logvar = batch["logvar"].to(device, non_blocking=True)
     shape = (global_batch, *mean.shape[1:])
     eps, noise = draws.randn(shape).to(device), draws.randn(shape).to(device)
     latents = ((mean + torch.exp(0.5 * logvar) * eps) - (shift or 0.0)) * scale
-    timesteps, sigmas = timesteps_and_sigmas(scheduler, draws.density(flow, global_batch).cpu())
+    # u stays on the device it was drawn on: with a `Schedule` there, no host sync
+    timesteps, sigmas = timesteps_and_sigmas(scheduler, draws.density(flow, global_batch))
     hidden, added = text_conditioning(text, batch, device, latents.dtype)
     return flow_matching_loss(
         lambda x, t: predict(family, unet, x, t, hidden, added, flow.guidance_scale),
